@@ -1,0 +1,184 @@
+"""Block layouts: which merge block owns each checkpoint key.
+
+A layout is a data file (``layouts/<name>.yaml``) validated at load time. It lists the blocks in
+merge-block-weighted (MBW) order and a set of rules, each a regular expression anchored at the
+start of an LDM key and the block it assigns (``'IN{0:02d}'`` formats the first capture group).
+Keys matched by a *component* rule (the VAE) are not part of the MBW string.
+
+Contract: when a layout is bound to a set of keys (:meth:`BlockLayout.assign`), every key is owned
+by exactly one block or component. A key that no rule matches, or that two rules match, is an
+error that names the key; a rule that produces a block name not in ``blocks`` is an error too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class LayoutError(ValueError):
+    """A layout file is invalid, or a key cannot be assigned to exactly one block."""
+
+
+class _Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    match: str
+    block: str
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {value!r}: {exc}") from exc
+        return value
+
+
+class _Component(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    match: str
+    name: str
+
+
+class _Identify(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    all: tuple[str, ...] = ()
+    none: tuple[str, ...] = ()
+    context_dim: int | None = None
+
+
+class LayoutSpec(BaseModel):
+    """The validated content of a layout YAML file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    title: str
+    diffusers_config: str
+    blocks: tuple[str, ...] = Field(min_length=1)
+    rules: tuple[_Rule, ...] = Field(min_length=1)
+    components: tuple[_Component, ...] = ()
+    identify: _Identify
+
+    @field_validator("blocks")
+    @classmethod
+    def _unique_blocks(cls, blocks: tuple[str, ...]) -> tuple[str, ...]:
+        dupes = sorted({b for b in blocks if blocks.count(b) > 1})
+        if dupes:
+            raise ValueError(f"blocks listed twice: {dupes}")
+        return blocks
+
+    @model_validator(mode="after")
+    def _literal_blocks_exist(self) -> LayoutSpec:
+        for rule in self.rules:
+            if "{" not in rule.block and rule.block not in self.blocks:
+                raise ValueError(f"rule {rule.match!r} assigns unknown block {rule.block!r}")
+        component_names = {c.name for c in self.components}
+        clash = component_names & set(self.blocks)
+        if clash:
+            raise ValueError(f"component names clash with block names: {sorted(clash)}")
+        return self
+
+
+@dataclass(frozen=True)
+class KeyAssignment:
+    """Result of binding a layout to concrete keys: ``owner[key]`` is a block or component name."""
+
+    owner: Mapping[str, str]
+    layout: BlockLayout
+
+    def keys_of(self, name: str) -> list[str]:
+        """Keys owned by block or component ``name``, in the order they were given."""
+        return [k for k, v in self.owner.items() if v == name]
+
+    def merged_keys(self) -> list[str]:
+        """Keys owned by MBW blocks (not components), grouped by block in MBW order."""
+        order = {b: i for i, b in enumerate(self.layout.blocks)}
+        keys = [k for k, v in self.owner.items() if v in order]
+        return sorted(keys, key=lambda k: order[self.owner[k]])
+
+
+class BlockLayout:
+    """A block layout: MBW block order plus key -> block rules. Build with :func:`load_layout`."""
+
+    def __init__(self, spec: LayoutSpec) -> None:
+        self.spec = spec
+        self._rules = [(re.compile(r.match), r.block) for r in spec.rules]
+        self._components = [(re.compile(c.match), c.name) for c in spec.components]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        return self.spec.blocks
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.spec.components)
+
+    def __repr__(self) -> str:
+        return f"BlockLayout({self.name!r}, {len(self.blocks)} blocks)"
+
+    def owner_of(self, key: str) -> str:
+        """The single block or component that owns ``key``; raises :class:`LayoutError` otherwise."""
+        owners: list[tuple[str, str]] = []
+        for pattern, block in self._rules:
+            m = pattern.match(key)
+            if m:
+                name = block.format(*(int(g) if g.isdigit() else g for g in m.groups()))
+                owners.append((pattern.pattern, name))
+        for pattern, name in self._components:
+            if pattern.match(key):
+                owners.append((pattern.pattern, name))
+        if not owners:
+            raise LayoutError(f"{self.name}: no block owns key {key!r}")
+        if len(owners) > 1:
+            raise LayoutError(
+                f"{self.name}: key {key!r} is owned by several rules: "
+                + ", ".join(f"{p!r} -> {n}" for p, n in owners)
+            )
+        name = owners[0][1]
+        if name not in self.blocks and name not in self.components:
+            raise LayoutError(f"{self.name}: key {key!r} maps to {name!r}, which is not a block of this layout")
+        return name
+
+    def assign(self, keys: Iterable[str]) -> KeyAssignment:
+        """Bind the layout to ``keys``: every key must be owned by exactly one block or component."""
+        return KeyAssignment(owner={k: self.owner_of(k) for k in keys}, layout=self)
+
+
+def available_layouts() -> list[str]:
+    """Names of the layouts shipped in ``optimizer/architectures/layouts``."""
+    root = resources.files("optimizer.architectures") / "layouts"
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def parse_layout(text: str, *, source: str = "<string>") -> BlockLayout:
+    """Parse and validate layout YAML; errors name the file and the offending field."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise LayoutError(f"{source}: not valid YAML: {exc}") from exc
+    try:
+        return BlockLayout(LayoutSpec.model_validate(data))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise LayoutError(f"{source}: invalid layout: {problems}") from exc
+
+
+@cache
+def load_layout(name: str) -> BlockLayout:
+    """Load a shipped layout by name (``sd1``, ``sd2``, ``sdxl``)."""
+    names = available_layouts()
+    if name not in names:
+        raise LayoutError(f"unknown architecture {name!r}; known: {', '.join(names)}")
+    path = resources.files("optimizer.architectures") / "layouts" / f"{name}.yaml"
+    return parse_layout(path.read_text(encoding="utf-8"), source=f"layouts/{name}.yaml")

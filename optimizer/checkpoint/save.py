@@ -1,0 +1,82 @@
+"""Saving merged checkpoints atomically, with A1111-compatible merge metadata.
+
+Files are written to a temporary file in the destination folder and renamed into place, so a
+failure (bad input, full disk, Ctrl-C) never leaves a half-written checkpoint behind.
+
+Metadata follows A1111's Checkpoint Merger: ``sd_merge_recipe`` is a JSON object describing the
+merge, ``sd_merge_models`` maps each parent's full sha256 to ``{"name", "legacy_hash",
+"sd_merge_recipe"}`` (the parent's own recipe when it was itself a merge, so provenance chains).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from optimizer.checkpoint.hashing import legacy_hash
+from optimizer.checkpoint.types import Checkpoint, CheckpointError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give a file name for the checkpoint")
+    if not path.parent.exists():
+        raise CheckpointError(f"{path.parent}: output folder does not exist")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_safetensors(
+    *, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``state_dict`` as a single safetensors file, atomically.
+
+    Tensors that share storage (views into the merge kernel's output buffer) are copied one at a
+    time, as safetensors requires separate storages.
+    """
+    bad = [k for k, v in (metadata or {}).items() if not isinstance(v, str)]
+    if bad:
+        raise CheckpointError(f"safetensors metadata values must be strings: {bad}")
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+    return Path(path)
+
+
+def merge_metadata(*, recipe: Mapping[str, Any], parents: Sequence[Checkpoint]) -> dict[str, str]:
+    """A1111-style ``sd_merge_recipe`` / ``sd_merge_models`` metadata for a merged checkpoint."""
+    models: dict[str, dict[str, Any]] = {}
+    for parent in parents:
+        own = parent.metadata.get("sd_merge_recipe")
+        models[parent.sha256] = {
+            "name": parent.name,
+            "legacy_hash": legacy_hash(parent.path) if parent.path.is_file() else None,
+            "sd_merge_recipe": json.loads(own) if own else None,
+        }
+    full_recipe = {
+        "type": "evomerge",
+        **dict(recipe),
+        "parents": [{"name": p.name, "sha256": p.sha256, "short_hash": p.short_hash} for p in parents],
+    }
+    return {
+        "format": "pt",
+        "sd_merge_recipe": json.dumps(full_recipe, sort_keys=True),
+        "sd_merge_models": json.dumps(models, sort_keys=True),
+    }

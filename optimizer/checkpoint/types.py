@@ -1,0 +1,45 @@
+"""The in-memory checkpoint: LDM-named tensors plus provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from optimizer.architectures.layout import BlockLayout
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, is unsafe to read, or is not a Stable Diffusion model."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint.
+
+    ``state_dict`` always uses LDM / A1111 single-file key names (``model.diffusion_model.*``,
+    ``first_stage_model.*``, ``cond_stage_model.*`` or ``conditioner.embedders.*``), whatever the
+    file format was. ``sha256`` is the full hash of the file (for a diffusers folder: the sha256 of
+    the sorted ``relative-path sha256`` lines of its weight files); ``short_hash`` is A1111's
+    10-character form.
+    """
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    layout: BlockLayout
+    sha256: str
+    source_format: str  # "safetensors" | "ckpt" | "diffusers"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str:
+        return self.layout.name
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:10]
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.path.suffix else self.path.name
