@@ -20,7 +20,7 @@ _CHUNK = 1 << 20
 
 def cache_root() -> Path:
     """The evomerge cache folder (``$EVOMERGE_CACHE`` or ``~/.cache/evomerge``)."""
-    return Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge"))
+    return Path(os.environ.get("EVOMERGE_CACHE") or "~/.cache/evomerge").expanduser()
 
 
 def _cache_file() -> Path:

@@ -1,0 +1,109 @@
+"""The ``evomerge`` command line (typer). Each command is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="evomerge",
+    help="Evolutionary per-block merge-ratio optimizer for Stable Diffusion checkpoints.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A .safetensors/.ckpt file or a diffusers folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Architecture, blocks with key and parameter counts, dtypes and hashes of a checkpoint."""
+    from optimizer.architectures.layout import LayoutError
+    from optimizer.checkpoint.load import load_checkpoint
+    from optimizer.checkpoint.types import CheckpointError
+    from optimizer.describe import describe_checkpoint
+
+    try:
+        info = describe_checkpoint(load_checkpoint(path))
+    except (CheckpointError, LayoutError) as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"{info['path']}")
+    typer.echo(f"  architecture  {info['architecture']} ({info['title']}), format {info['format']}")
+    typer.echo(f"  sha256        {info['sha256']}")
+    typer.echo(f"  short hash    {info['short_hash']}   legacy hash {info['legacy_hash']}")
+    typer.echo(f"  tensors       {info['tensors']}, parameters {info['parameters']:,}")
+    typer.echo(f"  dtypes        {', '.join(f'{k}: {v}' for k, v in info['dtypes'].items())}")
+    typer.echo(f"  {'block':<6} {'keys':>6} {'params':>14}")
+    for block, row in info["blocks"].items():
+        typer.echo(f"  {block:<6} {row['keys']:>6} {row['params']:>14,}")
+    if info["merge_recipe"]:
+        typer.echo(f"  merge recipe  {info['merge_recipe']}")
+
+
+def _parse_params(values: list[str]) -> dict[str, str]:
+    parsed: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise _fail(f"--param takes NAME=VALUE or NAME=MBW-STRING, got {item!r}")
+        parsed[name.strip()] = value.strip()
+    return parsed
+
+
+@app.command()
+def merge(
+    parents: Annotated[list[Path], typer.Argument(help="Parent checkpoints A B [C ...] (files or diffusers folders).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .safetensors file or diffusers folder.")],
+    method: Annotated[str, typer.Option(help="Merge method (weighted_sum, add_difference, ties, dare, slerp).")] = "weighted_sum",
+    alpha: Annotated[float | None, typer.Option(help="One alpha for every block (weight of B).")] = None,
+    mbw: Annotated[str | None, typer.Option(help="Per-block alpha as a 26-value (SD1/2) or 20-value (SDXL) MBW string.")] = None,
+    param: Annotated[list[str], typer.Option(help="Other method parameter: NAME=VALUE or NAME=MBW-STRING. Repeatable.")] = [],  # noqa: B006
+    seed: Annotated[int, typer.Option(help="Seed for stochastic methods (DARE).")] = 0,
+    merge_vae: Annotated[bool, typer.Option(help="Merge the VAE too (default: copy it from the first parent).")] = False,
+    dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32 (default: the parents' dtype).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    output_format: Annotated[str, typer.Option("--format", help="safetensors or diffusers.")] = "safetensors",
+    config: Annotated[Path | None, typer.Option(help="Diffusers config folder for --format diffusers (default: the first parent's, or the shipped one).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Merge checkpoints per block and write the result (atomically, with A1111 merge metadata)."""
+    from optimizer.architectures.layout import LayoutError
+    from optimizer.checkpoint.types import CheckpointError
+    from optimizer.merge import MergeError, get_method
+    from optimizer.merge_files import load_parents, merge_to_file, recipe_from_strings
+
+    if alpha is not None and mbw is not None:
+        raise _fail("give --alpha or --mbw, not both")
+    try:
+        merge_method = get_method(method)
+        params = _parse_params(param)
+        if alpha is not None or mbw is not None:
+            if "alpha" in params:
+                raise _fail("alpha given twice (--alpha/--mbw and --param alpha=...)")
+            params["alpha"] = mbw if mbw is not None else repr(alpha)
+        loaded = load_parents(paths=parents, dtype=dtype, device=device)
+        recipe = recipe_from_strings(
+            method=merge_method.name, layout=loaded.bank.layout, params=params, seed=seed, merge_vae=merge_vae
+        )
+        written = merge_to_file(parents=loaded, recipe=recipe, output=output, output_format=output_format, config_dir=config,
+            overwrite=overwrite,
+        )
+    except (CheckpointError, LayoutError, MergeError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"wrote {written}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,129 @@
+"""The in-memory merge kernel: parents in a :class:`ParentBank`, candidates written into one buffer.
+
+Usage::
+
+    bank = ParentBank.build(state_dicts=[a, b], layout=load_layout("sd1"), device="cuda", dtype=torch.float16)
+    del a, b                                   # the bank holds its own copies
+    merger = Merger(bank)
+    model.load_state_dict(merger.state_dict(), assign=True)   # once: the model now views the buffer
+    stats = merger.merge(recipe)               # every trial: rewrites the buffer in place
+
+Per merge, an elementwise method is called once per block segment with that block's parameters
+(26 calls for SD1; ``weighted_sum`` of two parents is one ``torch.lerp`` per segment: one read of
+each parent and one write), a tensor method once per tensor. No allocation proportional to the
+model happens for elementwise methods; tensor methods allocate temporaries the size of one tensor.
+Stochastic methods (DARE) get a generator on the bank's device seeded with
+:func:`~optimizer.merge.methods.tensor_seed` ``(seed, key)``, so a merge is reproducible and equals
+:func:`~optimizer.merge.reference.merge_state_dicts_reference` on the same device.
+
+Components (VAE): copied from parent 0 unless ``recipe.merge_vae``, then merged with the BASE
+block's parameters. Passthrough tensors (integer, ``position_ids``) are parent 0's, never merged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from optimizer.merge.flat import ParentBank, Segment
+from optimizer.merge.methods import MergeMethod, tensor_seed
+from optimizer.merge.recipe import VAE_PARAMS_BLOCK, MergeRecipe
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    """What one :meth:`Merger.merge` did."""
+
+    method: str
+    seconds: float  # wall time, including a device synchronize on CUDA
+    calls: int  # method calls (segments for elementwise methods, tensors for tensor methods)
+    merged_elements: int
+    copied_elements: int  # components copied from parent 0 in this merge
+    merged_vae: bool
+
+
+class Merger:
+    """Owns ONE flat output buffer, the same size as a parent buffer, initialised to parent 0."""
+
+    def __init__(self, bank: ParentBank) -> None:
+        self.bank = bank
+        # A normal (non-inference) tensor even if built under inference_mode, so that its views
+        # can back nn.Parameters via load_state_dict(..., assign=True).
+        with torch.inference_mode(False):
+            self.output = bank.buffers[0].clone()
+        views: dict[str, Tensor] = {}
+        for span in bank.spans:
+            views[span.key] = span.view(self.output)
+        for key, tensor in bank.passthrough.items():
+            views[key] = tensor
+        self._views = {key: views[key] for key in bank.keys}
+        self._component_is_parent0 = {name: True for name, seg in bank.segments.items() if seg.component}
+
+    def __repr__(self) -> str:
+        return f"Merger({self.bank!r})"
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """``{key: view}`` in parent 0's key order; the same tensor objects on every call, so a
+        model loaded with ``load_state_dict(views, assign=True)`` sees each merge without a copy.
+        Passthrough tensors are the bank's copies of parent 0's (shared, do not modify)."""
+        return dict(self._views)
+
+    def merge(self, recipe: MergeRecipe, *, generator_seed: int | None = None) -> MergeStats:
+        """Write the candidate of ``recipe`` into the output buffer in place.
+
+        ``generator_seed`` overrides ``recipe.seed`` for stochastic methods. Raises
+        :class:`~optimizer.merge.errors.RecipeError` / ``MergeMethodError`` before touching the
+        buffer when the recipe does not fit the bank's layout and parent count.
+        """
+        bank = self.bank
+        recipe.validate_for(bank.layout, bank.n_parents)
+        method = recipe.merge_method
+        names = method.param_names(bank.n_parents)
+        seed = recipe.seed if generator_seed is None else int(generator_seed)
+        started = time.perf_counter()
+        calls = merged = copied = 0
+        with torch.inference_mode():
+            for block in bank.layout.blocks:
+                seg = bank.segments[block]
+                params = {p: float(recipe.params[p][block]) for p in names}
+                calls += self._merge_segment(method, seg, params, seed)
+                merged += seg.numel
+            for name, seg in bank.segments.items():
+                if not seg.component:
+                    continue
+                if recipe.merge_vae:
+                    params = {p: float(recipe.params[p][VAE_PARAMS_BLOCK]) for p in names}
+                    calls += self._merge_segment(method, seg, params, seed)
+                    merged += seg.numel
+                    self._component_is_parent0[name] = False
+                elif not self._component_is_parent0[name]:
+                    seg.view(self.output).copy_(seg.view(bank.buffers[0]))
+                    copied += seg.numel
+                    self._component_is_parent0[name] = True
+        if self.output.device.type == "cuda":
+            torch.cuda.synchronize(self.output.device)
+        return MergeStats(
+            method=method.name,
+            seconds=time.perf_counter() - started,
+            calls=calls,
+            merged_elements=merged,
+            copied_elements=copied,
+            merged_vae=recipe.merge_vae,
+        )
+
+    def _merge_segment(self, method: MergeMethod, seg: Segment, params: dict[str, float], seed: int) -> int:
+        if seg.numel == 0:
+            return 0
+        buffers = self.bank.buffers
+        if method.granularity == "elementwise":
+            method.fn([seg.view(b) for b in buffers], out=seg.view(self.output), generator=None, **params)
+            return 1
+        for span in seg.spans:
+            generator = None
+            if method.stochastic:
+                generator = torch.Generator(device=self.output.device).manual_seed(tensor_seed(seed, span.key))
+            method.fn([span.view(b) for b in buffers], out=span.view(self.output), generator=generator, **params)
+        return len(seg.spans)

@@ -1,0 +1,131 @@
+"""Merging checkpoint files into one file: the job behind ``evomerge merge``.
+
+Data flow: parent files -> :class:`Checkpoint` (LDM keys) -> :class:`ParentBank` (flat buffers on
+the device) -> :class:`Merger` (one in-place merge) -> atomic save with merge metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from optimizer.architectures.detect import check_compatible
+from optimizer.architectures.layout import BlockLayout
+from optimizer.architectures.mbw import parse_mbw
+from optimizer.checkpoint.load import load_checkpoint, parse_dtype
+from optimizer.checkpoint.save import merge_metadata, save_safetensors
+from optimizer.checkpoint.types import Checkpoint, CheckpointError
+from optimizer.merge import Merger, MergeRecipe, ParentBank
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None -> cuda when available, else cpu; anything else is passed to torch."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise CheckpointError(f"unknown device {device!r}: {exc}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def recipe_from_strings(
+    *, method: str, layout: BlockLayout, params: dict[str, str], seed: int = 0, merge_vae: bool = False
+) -> MergeRecipe:
+    """A recipe from command-line text: each value is one number for every block, or an MBW string.
+
+    Parameters not given take the method's defaults (uniform over blocks).
+    """
+    uniform: dict[str, float] = {}
+    per_block: dict[str, dict[str, float]] = {}
+    for name, text in params.items():
+        if any(sep in text.strip() for sep in ", "):
+            per_block[name] = parse_mbw(text, layout=layout)
+        else:
+            try:
+                uniform[name] = float(text)
+            except ValueError:
+                raise CheckpointError(f"parameter {name}: {text!r} is neither a number nor an MBW string") from None
+            per_block[name] = {}
+    base = MergeRecipe.uniform(method=method, layout=layout, seed=seed, merge_vae=merge_vae, **uniform, **dict.fromkeys(
+        (n for n in per_block if n not in uniform), 0.0))
+    merged = {name: dict(values) for name, values in base.params.items()}
+    for name, values in per_block.items():
+        if values:
+            merged[name] = values
+    return MergeRecipe(method=method, params=merged, seed=seed, merge_vae=merge_vae)
+
+
+@dataclass(frozen=True)
+class LoadedParents:
+    """Parents loaded once: their provenance (tensors dropped) and the bank on the device."""
+
+    checkpoints: list[Checkpoint]
+    bank: ParentBank
+
+
+def load_parents(
+    *, paths: Sequence[str | os.PathLike[str]], dtype: str | torch.dtype | None = None, device: str | torch.device | None = "auto"
+) -> LoadedParents:
+    """Load parent checkpoints, check they can be merged, and build the device-resident bank.
+
+    The returned checkpoints keep path, hashes and metadata but no tensors: the bank holds the
+    only copy of the weights.
+    """
+    if len(paths) < 2:
+        raise CheckpointError("a merge needs at least two parent checkpoints")
+    target = parse_dtype(dtype)
+    checkpoints = [load_checkpoint(p, dtype=target) for p in paths]
+    layout = check_compatible([c.state_dict for c in checkpoints], names=[str(c.path) for c in checkpoints])
+    bank = ParentBank.build(
+        state_dicts=[c.state_dict for c in checkpoints], layout=layout, device=resolve_device(device), dtype=target
+    )
+    light = [
+        Checkpoint(path=c.path, state_dict={}, layout=c.layout, sha256=c.sha256, source_format=c.source_format, metadata=c.metadata)
+        for c in checkpoints
+    ]
+    return LoadedParents(checkpoints=light, bank=bank)
+
+
+def merge_to_file(
+    *,
+    parents: LoadedParents,
+    recipe: MergeRecipe,
+    output: str | os.PathLike[str],
+    output_format: str = "safetensors",
+    config_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Merge once in memory and write the result atomically (safetensors or a diffusers folder).
+
+    A diffusers folder needs component configs that match the weights: ``config_dir``, else the
+    first parent when it is a diffusers folder, else the shipped config of the architecture.
+    """
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise CheckpointError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    merger = Merger(parents.bank)
+    merger.merge(recipe)
+    state_dict = merger.state_dict()
+    if output_format == "safetensors":
+        metadata = merge_metadata(recipe=recipe.model_dump(mode="json"), parents=parents.checkpoints)
+        return save_safetensors(state_dict=state_dict, path=output, metadata=metadata)
+    if output_format == "diffusers":
+        from optimizer.checkpoint.config_dir import diffusers_config_dir
+        from optimizer.checkpoint.diffusers_folder import write_diffusers_folder
+
+        layout = parents.bank.layout
+        first = parents.checkpoints[0]
+        if config_dir is None:
+            config_dir = first.path if first.source_format == "diffusers" else diffusers_config_dir(layout.spec.diffusers_config)
+        write_diffusers_folder(
+            state_dict=state_dict, architecture=layout.name, path=output, config_dir=config_dir, overwrite=overwrite
+        )
+        return output
+    raise CheckpointError(f"unknown output format {output_format!r}; use safetensors or diffusers")

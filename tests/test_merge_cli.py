@@ -1,0 +1,187 @@
+"""End to end: real (tiny) SD checkpoints through the CLI, the kernel, and diffusers' loaders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from optimizer.architectures import load_layout, parse_mbw
+from optimizer.checkpoint.keymap import ldm_to_diffusers
+from optimizer.checkpoint.load import load_checkpoint
+from optimizer.cli import app
+from optimizer.merge import MergeRecipe, merge_state_dicts_reference
+from optimizer.tiny_models import tiny_config_dir, tiny_sd1_components, tiny_sdxl_components, write_tiny_diffusers, write_tiny_ldm
+
+MBW = "1,0,0,0,0.25,0,0,0,0,0,0,0,0,0.5,1,1,1,1,0.75,1,1,1,1,1,1,0.1"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    components = [tiny_sd1_components(seed=s) for s in range(3)]
+    paths = {f"p{s}": write_tiny_ldm(root / f"p{s}.safetensors", c, "sd1") for s, c in enumerate(components[:2])}
+    paths["d2"] = write_tiny_diffusers(root / "d2", components[2], "sd1")
+    paths["config"] = tiny_config_dir(components[0], "sd1")
+    paths["xl"] = write_tiny_ldm(root / "xl.safetensors", tiny_sdxl_components(seed=0), "sdxl")
+    paths["root"] = root
+    return paths
+
+
+def _run(*args: str | Path) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+def test_inspect_reports_architecture_blocks_and_hashes(tiny: dict[str, Path]) -> None:
+    code, out = _run("inspect", tiny["p0"], "--json")
+    assert code == 0, out
+    info = json.loads(out)
+    ckpt = load_checkpoint(tiny["p0"])
+    assert info["architecture"] == "sd1" and info["sha256"] == ckpt.sha256 and info["short_hash"] == ckpt.sha256[:10]
+    assert list(info["blocks"]) == [*load_layout("sd1").blocks, "VAE"]
+    assert sum(b["keys"] for b in info["blocks"].values()) == info["tensors"] == len(ckpt.state_dict)
+    assert sum(b["params"] for b in info["blocks"].values()) == info["parameters"]
+    assert all(b["keys"] > 0 for b in info["blocks"].values())
+    code, table = _run("inspect", tiny["d2"])
+    assert code == 0 and "sd1" in table and "format diffusers" in table and "OUT11" in table
+
+
+def test_mbw_merge_loads_through_from_single_file_and_equals_the_reference(tiny: dict[str, Path]) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    out = tiny["root"] / "mbw.safetensors"
+    code, text = _run("merge", tiny["p0"], tiny["p1"], "--mbw", MBW, "-o", out)
+    assert code == 0, text
+    layout = load_layout("sd1")
+    parents = [load_checkpoint(tiny["p0"]), load_checkpoint(tiny["p1"])]
+    recipe = MergeRecipe.from_mbw(method="weighted_sum", layout=layout, mbw=MBW)
+    expected = merge_state_dicts_reference(state_dicts=[p.state_dict for p in parents], layout=layout, recipe=recipe)
+    saved = load_file(str(out))
+    assert set(saved) == set(expected)
+    assert all(torch.equal(saved[k], v) for k, v in expected.items())
+    # identities inside one file: alpha 0 blocks are A, alpha 1 blocks are B, the VAE is A's
+    a, b = parents[0].state_dict, parents[1].state_dict
+    assert torch.equal(saved["model.diffusion_model.input_blocks.1.0.in_layers.0.weight"], a["model.diffusion_model.input_blocks.1.0.in_layers.0.weight"])
+    assert torch.equal(saved["model.diffusion_model.output_blocks.0.0.in_layers.0.weight"], b["model.diffusion_model.output_blocks.0.0.in_layers.0.weight"])
+    assert torch.equal(saved["first_stage_model.decoder.conv_in.weight"], a["first_stage_model.decoder.conv_in.weight"])
+
+    pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(tiny["config"]), local_files_only=True)
+    want = ldm_to_diffusers(state_dict=expected, architecture="sd1", config_dir=tiny["config"])
+    got = pipe.unet.state_dict()
+    assert set(got) == set(want["unet"]) and all(torch.equal(got[k], v) for k, v in want["unet"].items())
+    got_vae = pipe.vae.state_dict()
+    assert all(torch.equal(got_vae[k], v) for k, v in want["vae"].items())
+
+    metadata = load_checkpoint(out).metadata
+    recipe_meta = json.loads(metadata["sd_merge_recipe"])
+    assert recipe_meta["method"] == "weighted_sum" and recipe_meta["params"]["alpha"] == parse_mbw(MBW, layout=layout)
+    assert [p["sha256"] for p in recipe_meta["parents"]] == [p.sha256 for p in parents]
+    assert set(json.loads(metadata["sd_merge_models"])) == {p.sha256 for p in parents}
+
+
+def test_alpha_identities_through_the_cli(tiny: dict[str, Path]) -> None:
+    a = load_file(str(tiny["p0"]))
+    b = load_checkpoint(tiny["p1"]).state_dict
+    for alpha, want in (("0", a), ("1", b)):
+        out = tiny["root"] / f"alpha{alpha}.safetensors"
+        code, text = _run("merge", tiny["p0"], tiny["p1"], "--alpha", alpha, "--merge-vae", "-o", out)
+        assert code == 0, text
+        got = load_file(str(out))
+        assert all(torch.equal(got[k], want[k]) for k in got)
+    out = tiny["root"] / "adddiff.safetensors"
+    code, text = _run("merge", tiny["p0"], tiny["p1"], tiny["d2"], "--method", "add_difference", "--alpha", "0", "-o", out)
+    assert code == 0, text
+    got = load_file(str(out))
+    assert all(torch.equal(got[k], a[k]) for k in got)
+
+
+def test_diffusers_output_loads_with_from_pretrained(tiny: dict[str, Path]) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    out = tiny["root"] / "merged-diffusers"
+    code, text = _run("merge", tiny["d2"], tiny["p0"], "--method", "slerp", "--alpha", "0.3", "--format", "diffusers", "-o", out)
+    assert code == 0, text
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    reloaded = load_checkpoint(out).state_dict
+    parents = [load_checkpoint(tiny["d2"]), load_checkpoint(tiny["p0"])]
+    layout = load_layout("sd1")
+    expected = merge_state_dicts_reference(
+        state_dicts=[p.state_dict for p in parents], layout=layout, recipe=MergeRecipe.uniform(method="slerp", layout=layout, alpha=0.3)
+    )
+    assert all(torch.allclose(reloaded[k], expected[k], atol=1e-6) for k in expected)
+    want = ldm_to_diffusers(state_dict=expected, architecture="sd1", config_dir=tiny["d2"])["unet"]
+    got = pipe.unet.state_dict()
+    assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in want.items())
+
+
+def _assert_no_output(out: Path) -> None:
+    leftovers = [p for p in out.parent.iterdir() if p.name.startswith(out.name) or p.name.startswith(f".{out.name}")]
+    assert leftovers == [], leftovers
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("mixed", "cannot merge"),
+        ("shape", "shape mismatch at model.diffusion_model.out.2.weight"),
+        ("truncated", "truncated or corrupt"),
+        ("pickle", "refused"),
+        ("one", "at least two"),
+        ("mbw", "takes 26 MBW values"),
+        ("method", "unknown merge method|known"),
+        ("param", "density"),
+    ],
+)
+def test_bad_inputs_fail_clearly_and_write_nothing(tiny: dict[str, Path], case: str, message: str) -> None:
+    root = tiny["root"]
+    out = root / f"bad-{case}.safetensors"
+    args: list[str | Path] = ["merge", tiny["p0"], tiny["p1"], "-o", out]
+    if case == "mixed":
+        args[2] = tiny["xl"]
+    elif case == "shape":
+        sd = load_file(str(tiny["p1"]))
+        sd["model.diffusion_model.out.2.weight"] = torch.zeros(5, *sd["model.diffusion_model.out.2.weight"].shape[1:])
+        save_file(sd, str(root / "shape.safetensors"))
+        args[2] = root / "shape.safetensors"
+    elif case == "truncated":
+        data = tiny["p1"].read_bytes()
+        (root / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+        args[2] = root / "trunc.safetensors"
+    elif case == "pickle":
+        import os
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, ("true",))
+
+        torch.save({"state_dict": {}, "x": Payload()}, root / "evil.ckpt")
+        args[2] = root / "evil.ckpt"
+    elif case == "one":
+        args = ["merge", tiny["p0"], "-o", out]
+    elif case == "mbw":
+        args += ["--mbw", "0.5,0.5"]
+    elif case == "method":
+        args += ["--method", "magic"]
+    elif case == "param":
+        args += ["--method", "ties", "--param", "density=0"]
+    code, text = _run(*args)
+    assert code == 2, text
+    assert any(m in text for m in message.split("|")), text
+    _assert_no_output(out)
+
+
+def test_existing_output_needs_overwrite(tiny: dict[str, Path]) -> None:
+    out = tiny["root"] / "exists.safetensors"
+    out.write_bytes(b"keep me")
+    code, text = _run("merge", tiny["p0"], tiny["p1"], "--alpha", "0.5", "-o", out)
+    assert code == 2 and "exists" in text
+    assert out.read_bytes() == b"keep me"
+    code, text = _run("merge", tiny["p0"], tiny["p1"], "--alpha", "0.5", "-o", out, "--overwrite")
+    assert code == 0, text
+    assert load_checkpoint(out).architecture == "sd1"
