@@ -352,14 +352,38 @@ def dare(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator |
 SLERP_PARALLEL_EPS = 1e-6
 
 
-def _dot_and_norms(a: Tensor, b: Tensor) -> tuple[float, float, float]:
+class _Upcast:
+    """Reusable fp32 (fp64 for fp64 data) scratch for chunk-wise work on a pair of flat tensors.
+
+    For fp32/fp64 data, chunks are views of the data itself (no copy); callers must then not
+    write into them."""
+
+    def __init__(self, a: Tensor, b: Tensor) -> None:
+        self.a, self.b = a, b
+        self.dtype = _compute_dtype(a)
+        self.direct = a.dtype == self.dtype and b.dtype == self.dtype
+        if not self.direct:
+            size = min(a.numel(), CHUNK_ELEMENTS)
+            self._x = torch.empty(size, dtype=self.dtype, device=a.device)
+            self._y = torch.empty(size, dtype=self.dtype, device=a.device)
+
+    def __iter__(self) -> Iterator[tuple[slice, Tensor, Tensor]]:
+        for s in _chunks(self.a.numel()):
+            if self.direct:
+                yield s, self.a[s], self.b[s]
+            else:
+                n = s.stop - s.start
+                x, y = self._x[:n], self._y[:n]
+                x.copy_(self.a[s])
+                y.copy_(self.b[s])
+                yield s, x, y
+
+
+def _dot_and_norms(pair: _Upcast) -> tuple[float, float, float]:
     """``(<a, b>, |a|^2, |b|^2)``: fp32 (fp64 for fp64 data) chunk sums accumulated in fp64 on the
     data's device, read back once (one device sync per tensor)."""
-    a, b = _flat(a), _flat(b)
-    cdt = _compute_dtype(a)
-    sums = torch.zeros(3, dtype=torch.float64, device=a.device)
-    for s in _chunks(a.numel()):
-        x, y = a[s].to(cdt), b[s].to(cdt)
+    sums = torch.zeros(3, dtype=torch.float64, device=pair.a.device)
+    for _, x, y in pair:
         sums += torch.stack([torch.dot(x, y), torch.dot(x, x), torch.dot(y, y)]).to(torch.float64)
     dot, aa, bb = sums.tolist()
     return dot, aa, bb
@@ -371,33 +395,34 @@ def slerp(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator 
 
     ``W = arccos(<A, B> / (|A| |B|))`` over the flattened tensor; result
     ``[sin((1 - t) W) A + sin(t W) B] / sin W``. Falls back to ``(1 - t) A + t B`` when a norm is 0
-    or ``|cos W| > 1 - 1e-6`` (nearly parallel or anti-parallel). Computed in fp32 chunks.
+    or ``|cos W| > 1 - 1e-6`` (nearly parallel or anti-parallel). fp16/bf16 data is processed in
+    fp32 chunks (dot products and the combination), rounded once on the write.
     """
     _check_out(parents, out)
     a, b = _flat(parents[0]), _flat(parents[1])
     o = _flat(out) if out.is_contiguous() else None
     target = o if o is not None else torch.empty(a.shape, dtype=out.dtype, device=out.device)
     t = float(alpha)
-    dot, aa, bb = _dot_and_norms(a, b)
+    pair = _Upcast(a, b)
+    dot, aa, bb = _dot_and_norms(pair)
     use_lerp = aa == 0.0 or bb == 0.0
     if not use_lerp:
         cos = max(-1.0, min(1.0, dot / math.sqrt(aa * bb)))
         use_lerp = abs(cos) > 1.0 - SLERP_PARALLEL_EPS
-    cdt = _compute_dtype(out)
-    if use_lerp:
-        if out.dtype == cdt:
-            torch.lerp(a, b, t, out=target)
-        else:
-            for s in _chunks(a.numel()):
-                target[s].copy_(torch.lerp(a[s].to(cdt), b[s].to(cdt), t))
+    if use_lerp and pair.direct:
+        torch.lerp(a, b, t, out=target)
+    elif use_lerp:
+        for s, x, y in pair:
+            target[s].copy_(x.lerp_(y, t))
     else:
         omega = math.acos(cos)
         sin_omega = math.sin(omega)
         ca, cb = math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
-        for s in _chunks(a.numel()):
-            chunk = a[s].to(cdt) * ca
-            chunk.add_(b[s].to(cdt), alpha=cb)
-            target[s].copy_(chunk)
+        if pair.direct:
+            torch.mul(a, ca, out=target).add_(b, alpha=cb)
+        else:
+            for s, x, y in pair:
+                target[s].copy_(x.mul_(ca).add_(y, alpha=cb))
     if o is None:
         out.copy_(target.view(out.shape))
     return out
