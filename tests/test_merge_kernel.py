@@ -18,7 +18,7 @@ from optimizer.merge import (
     get_method,
     merge_state_dicts_reference,
 )
-from optimizer.merge.testing import POSITION_IDS_KEY, VAE_KEYS, synthetic_state_dicts
+from tests.synthetic import POSITION_IDS_KEY, VAE_KEYS, synthetic_state_dicts
 
 LAYOUT = load_layout("sd1")
 N_PARENTS = {"weighted_sum": 2, "add_difference": 3, "ties": 3, "dare": 3, "slerp": 2}
