@@ -1,0 +1,851 @@
+#!/usr/bin/env python
+"""Benchmark of evomerge's in-memory merge kernel on an SD1.5-shaped UNet (not a test).
+
+One run measures, side by side and per dtype (fp16, fp32), on the 686 UNet tensors of SD1.5
+(real LDM key names and shapes, 859,520,964 parameters) filled with seeded random values:
+
+1. ``kernel``     evomerge ``Merger.merge`` (weighted_sum, 26 distinct MBW block weights),
+                  median of ``--reps`` repetitions after one warm-up merge;
+2. floors         ``out.copy_(A)`` (read 1, write 1), ``torch.add(A, B, out=out)`` (read 2,
+                  write 1) and ``torch.lerp(A, B, 0.37, out=out)`` (the kernel's op, one call
+                  over the whole flat buffer) on the same flat buffers;
+3. ``naive``      a per-key Python loop ``{k: (1 - w) * A[k] + w * B[k]}`` (new tensors, as most
+                  merge scripts do); its result is also the correctness reference;
+4. ``sd-mecha``   ``sd_mecha.merge`` of the same parents (written to safetensors files in /tmp)
+                  with the same 26 block weights via its ``sd1-supermerger_blocks`` config,
+                  into an in-memory dict;
+5. memory         peak RSS of bank build + merges in a fresh subprocess (CUDA: also
+                  ``torch.cuda.max_memory_allocated``);
+6. correctness    kernel output == naive output (allclose), and max error vs an fp64 reference.
+
+Every measurement for one dtype runs in its own subprocess so fp32 (parents + output = 10.3 GB)
+and the sd-mecha files are never in memory together. Results: a table on stdout and
+``bench/results/merge-<hostname>-<date>.json``. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:  # allow `python bench/bench_merge.py` without an editable install
+    sys.path.insert(0, str(REPO))
+
+SD15_UNET_TENSORS = 686
+SD15_UNET_PARAMS = 859_520_964
+# 26 distinct block weights (BASE, IN00..IN11, M00, OUT00..OUT11), strictly inside (0, 1) so that
+# no implementation can shortcut a block to a plain copy of A or B.
+WEIGHTS = [round(0.05 + 0.035 * i, 4) for i in range(26)]
+MBW = ",".join(f"{w:g}" for w in WEIGHTS)
+SEED_A, SEED_B = 1234, 5678
+POOL_ELEMENTS = 32 * 2**20  # random pool per parent; each tensor is a seeded window of it
+DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
+TOLERANCES = {"fp16": (1e-3, 2e-4), "bf16": (1e-2, 2e-3), "fp32": (1e-5, 1e-7)}  # (rtol, atol)
+
+
+# --------------------------------------------------------------------------------------------
+# model shapes
+
+
+def _mecha_sd1_ldm_yaml() -> Path | None:
+    spec = importlib.util.find_spec("sd_mecha")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "extensions" / "builtin" / "model_configs" / "sd1-ldm.yaml"
+    return path if path.is_file() else None
+
+
+def _diffusers_sd15_unet_meta():
+    """diffusers SD1.5 UNet state dict (meta tensors) and config.
+
+    ``UNet2DConditionModel()``'s default config is NOT SD1.5: its cross_attention_dim is 1280
+    (872,300,484 parameters). SD1.5 is that default with cross_attention_dim=768."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(cross_attention_dim=768)
+    return unet.state_dict(), dict(unet.config)
+
+
+def _mecha_shapes() -> dict[str, list[int]] | None:
+    import yaml
+
+    path = _mecha_sd1_ldm_yaml()
+    if path is None:
+        return None
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    config = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+    return {k: list(v["shape"]) for k, v in config["components"]["diffuser"].items()}
+
+
+def sd15_unet_shapes() -> tuple[dict[str, list[int]], str]:
+    """Ordered ``{ldm_key: shape}`` of the 686 SD1.5 UNet tensors, and where they came from.
+
+    Source, first that works: the diffusers meta model renamed with
+    ``optimizer.checkpoint.keymap.diffusers_to_ldm``; else sd-mecha's shipped ``sd1-ldm.yaml``
+    (component ``diffuser``). Checked: 686 tensors, 859,520,964 parameters, the same multiset of
+    shapes as the diffusers model, and (when both are available) the same keys and shapes as
+    sd-mecha's table."""
+    import collections
+
+    meta_sd, unet_config = _diffusers_sd15_unet_meta()
+    meta = {k: tuple(v.shape) for k, v in meta_sd.items()}
+    mecha = _mecha_shapes()
+    shapes: dict[str, list[int]] | None = None
+    source = ""
+    if importlib.util.find_spec("optimizer.checkpoint.keymap") is not None:
+        try:
+            from optimizer.checkpoint.keymap import diffusers_to_ldm
+
+            ldm = diffusers_to_ldm(components={"unet": meta_sd}, architecture="sd1", unet_config=unet_config)
+            shapes = {k: list(v.shape) for k, v in ldm.items()}
+            source = "diffusers UNet2DConditionModel(cross_attention_dim=768) on meta, renamed by optimizer.checkpoint.keymap.diffusers_to_ldm"
+            if mecha is not None:
+                if shapes != mecha and {k: tuple(v) for k, v in shapes.items()} != {k: tuple(v) for k, v in mecha.items()}:
+                    raise SystemExit("keymap.diffusers_to_ldm's SD1.5 UNet keys/shapes differ from sd-mecha's sd1-ldm.yaml")
+                source += " (identical to sd-mecha's sd1-ldm.yaml)"
+        except SystemExit:
+            raise
+        except Exception as exc:  # noqa: BLE001 - fall back to sd-mecha's table
+            print(f"[bench] keymap.diffusers_to_ldm unusable ({type(exc).__name__}: {exc}); using sd-mecha's sd1-ldm.yaml", file=sys.stderr)
+            shapes = None
+    if shapes is None:
+        if mecha is None:
+            raise SystemExit("need optimizer.checkpoint.keymap or sd-mecha's sd1-ldm.yaml for the LDM key names: pip install sd-mecha")
+        shapes = mecha
+        source = "sd-mecha sd1-ldm.yaml (component 'diffuser'), cross-checked with diffusers UNet2DConditionModel(cross_attention_dim=768) on meta"
+    n_params = sum(math.prod(s) for s in shapes.values())
+    if len(shapes) != SD15_UNET_TENSORS or n_params != SD15_UNET_PARAMS:
+        raise SystemExit(f"expected {SD15_UNET_TENSORS} tensors / {SD15_UNET_PARAMS:,} params, got {len(shapes)} / {n_params:,}")
+    meta_params = sum(math.prod(s) for s in meta.values())
+    if len(meta) != SD15_UNET_TENSORS or meta_params != SD15_UNET_PARAMS:
+        raise SystemExit(f"diffusers SD1.5 UNet: expected {SD15_UNET_TENSORS} / {SD15_UNET_PARAMS:,}, got {len(meta)} / {meta_params:,}")
+    if collections.Counter(tuple(s) for s in shapes.values()) != collections.Counter(meta.values()):
+        raise SystemExit("LDM shapes differ from the diffusers SD1.5 UNet's shapes")
+    return shapes, source
+
+
+# --------------------------------------------------------------------------------------------
+# parents: seeded random data, cheap to build in every subprocess
+
+
+def _pool(seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(POOL_ELEMENTS, generator=g, dtype=torch.float32).mul_(0.02)
+
+
+def parent_state_dict(shapes: dict[str, list[int]], seed: int, pool=None) -> dict:
+    """``{key: tensor}`` of fp32 N(0, 0.02^2) values: each tensor is a window, at an offset seeded
+    by (seed, key), of one random pool of 32M values per parent. Views, so building a parent
+    costs ~130 MB and ~1 s instead of 3.4 GB and ~20 s; timings do not depend on the values."""
+    pool = _pool(seed) if pool is None else pool
+    out = {}
+    for key, shape in shapes.items():
+        numel = math.prod(shape)
+        span = POOL_ELEMENTS - numel
+        off = zlib.crc32(f"{seed}:{key}".encode()) % span if span > 0 else 0
+        out[key] = pool[off : off + numel].view(*shape)
+    return out
+
+
+def evomerge_block(key: str) -> str:
+    from optimizer.architectures import load_layout
+
+    return load_layout("sd1").owner_of(key)
+
+
+def mecha_block(key: str) -> str:
+    """sd-mecha's sd1 block convention (convert_sd1_blocks_to_ldm): as evomerge's, except that
+    ``time_embed`` belongs to BASE (evomerge: IN00)."""
+    if ".time_embed." in key:
+        return "BASE"
+    return evomerge_block(key)
+
+
+# --------------------------------------------------------------------------------------------
+# timing helpers
+
+
+class Timer:
+    """Wall clock on CPU; CUDA events on CUDA (``merger.merge`` itself also synchronizes)."""
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.cuda = device.startswith("cuda")
+        self.torch = torch
+
+    def once(self, fn) -> float:
+        if self.cuda:
+            start = self.torch.cuda.Event(enable_timing=True)
+            end = self.torch.cuda.Event(enable_timing=True)
+            self.torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def interleaved(self, fns: dict, reps: int, warmup: int = 1) -> dict:
+        """Time each of ``fns`` ``reps`` times, round-robin (one call of each per round), so that
+        background load on a shared machine hits all of them alike; paired per-round ratios to
+        the first entry are recorded too."""
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(reps):
+            for name, fn in fns.items():
+                times[name].append(self.once(fn))
+        first = next(iter(fns))
+        out = {}
+        for name, ts in times.items():
+            out[name] = _stats(ts, warmup)
+            if name != first:
+                out[name][f"paired_{first}_over_this_median"] = statistics.median(k / t for k, t in zip(times[first], ts))
+        return out
+
+
+def _stats(ts: list[float], warmup: int) -> dict:
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "reps": len(ts), "warmup": warmup, "all_s": ts}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_hwm() -> bool:
+    """Reset the peak-RSS counter (Linux >= 4.0: echo 5 > /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# workers (each runs in its own subprocess)
+
+
+def _setup(args):
+    import torch
+
+    from optimizer.architectures import load_layout
+
+    shapes = json.loads(Path(args.shapes).read_text())
+    dtype = getattr(torch, DTYPES[args.dtype])
+    layout = load_layout("sd1")
+    return torch, shapes, dtype, layout
+
+
+def _sync(torch, device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def worker_kernel(args) -> dict:
+    """Kernel vs floors vs naive loop, plus correctness, for one dtype."""
+    torch, shapes, dtype, layout = _setup(args)
+    from optimizer.merge import MergeRecipe, Merger, ParentBank
+
+    device = args.device
+    timer = Timer(device)
+    res: dict = {"dtype": args.dtype, "device": device, "loadavg_start": loadavg()}
+    phases: dict[str, float] = {}
+    res["phases_s"] = phases
+
+    t0 = time.perf_counter()
+    sd_a, sd_b = parent_state_dict(shapes, SEED_A), parent_state_dict(shapes, SEED_B)
+    phases["parents"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bank = ParentBank.build(state_dicts=[sd_a, sd_b], layout=layout, device=device, dtype=dtype)
+    _sync(torch, device)
+    phases["bank_build"] = time.perf_counter() - t0
+    del sd_a, sd_b
+    gc.collect()
+    t0 = time.perf_counter()
+    merger = Merger(bank)
+    _sync(torch, device)
+    phases["merger_init"] = time.perf_counter() - t0
+    recipe = MergeRecipe.from_mbw(method="weighted_sum", layout=layout, mbw=MBW)
+    a, b = bank.buffers
+    out = merger.output
+    numel = a.numel()
+    res["numel"] = numel
+    res["model_bytes"] = numel * a.element_size()
+    res["bank"] = repr(bank)
+
+    def kernel():
+        merger.merge(recipe)
+
+    def copy():
+        out.copy_(a)
+
+    def add():
+        torch.add(a, b, out=out)
+
+    def lerp_flat():
+        torch.lerp(a, b, 0.37, out=out)
+
+    # the kernel's op (one lerp per block segment, python-float weight) without the recipe
+    # validation and bookkeeping of Merger.merge: isolates the kernel's own overhead
+    segs = [bank.segments[blk] for blk in layout.blocks if bank.segments[blk].numel]
+    seg_w = [float(recipe.params["alpha"][s.name]) for s in segs]
+
+    def lerp_segments():
+        for s, w in zip(segs, seg_w):
+            torch.lerp(s.view(a), s.view(b), w, out=s.view(out))
+
+    stats = merger.merge(recipe)  # first merge (a warm-up too), reported from MergeStats
+    res["first_merge_s"] = stats.seconds
+    res["merge_calls"] = stats.calls
+    res["merged_elements"] = stats.merged_elements
+    t0 = time.perf_counter()
+    fns = {"kernel": kernel, "copy": copy, "add": add, "lerp_flat": lerp_flat, "lerp_segments": lerp_segments}
+    res.update(timer.interleaved(fns, args.reps))
+    phases["timed_ops"] = time.perf_counter() - t0
+
+    # naive per-key loop, on per-key views of the same parent buffers
+    views_a = {sp.key: sp.view(a) for sp in bank.spans}
+    views_b = {sp.key: sp.view(b) for sp in bank.spans}
+    w_of = {sp.key: float(recipe.params["alpha"][sp.owner]) for sp in bank.spans}
+
+    def naive_loop():
+        return {k: (1 - w_of[k]) * views_a[k] + w_of[k] * views_b[k] for k in views_a}
+
+    t0 = time.perf_counter()
+    times = []
+    naive = naive_loop()  # warm-up
+    for _ in range(args.naive_reps):
+        naive = None
+        gc.collect()
+        _sync(torch, device)
+        t1 = time.perf_counter()
+        naive = naive_loop()
+        _sync(torch, device)
+        times.append(time.perf_counter() - t1)
+    res["naive"] = _stats(times, 1)
+    phases["naive"] = time.perf_counter() - t0
+
+    # correctness: the kernel's output after a fresh merge vs the naive result
+    t0 = time.perf_counter()
+    merger.merge(recipe)
+    merged = merger.state_dict()
+    rtol, atol = TOLERANCES[args.dtype]
+    bad = []
+    max_abs = 0.0
+    max_err_kernel64 = max_err_naive64 = 0.0
+    with torch.inference_mode():
+        for i, k in enumerate(views_a):
+            got, want = merged[k].float(), naive[k].float()  # fp32: the very tensors, no copy: no in-place ops
+            diff = (got - want).abs_()
+            max_abs = max(max_abs, diff.max().item())
+            if not bool((diff <= atol + rtol * want.abs()).all()):  # torch.allclose(got, want, rtol, atol)
+                bad.append(k)
+            if i % 7 == 0:  # fp64 reference on ~100 tensors
+                w = w_of[k]
+                ref = (1 - w) * views_a[k].double() + w * views_b[k].double()
+                max_err_kernel64 = max(max_err_kernel64, (merged[k].double() - ref).abs().max().item())
+                max_err_naive64 = max(max_err_naive64, (naive[k].double() - ref).abs().max().item())
+    res["correctness"] = {
+        "kernel_allclose_naive": not bad and len(merged) == len(shapes),
+        "tensors_checked": len(views_a),
+        "mismatched_tensors": bad[:10],
+        "rtol": rtol,
+        "atol": atol,
+        "max_abs_diff_kernel_vs_naive": max_abs,
+        "max_abs_err_vs_fp64_kernel": max_err_kernel64,
+        "max_abs_err_vs_fp64_naive": max_err_naive64,
+        "keys_in_state_dict": len(merged),
+    }
+    phases["correctness"] = time.perf_counter() - t0
+    del naive, merged
+    gc.collect()
+    if device.startswith("cuda"):
+        res["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
+    res["loadavg_end"] = loadavg()
+    return res
+
+
+def worker_memory(args) -> dict:
+    """Peak memory of bank build + Merger + merges, in a fresh process."""
+    torch, shapes, dtype, layout = _setup(args)
+    from optimizer.merge import MergeRecipe, Merger, ParentBank
+
+    device = args.device
+    cuda = device.startswith("cuda")
+    res: dict = {"dtype": args.dtype, "device": device}
+    recipe = MergeRecipe.from_mbw(method="weighted_sum", layout=layout, mbw=MBW)
+    gc.collect()
+    res["rss_baseline"] = rss_bytes()  # interpreter + torch + optimizer imported, no data yet
+    sd_a, sd_b = parent_state_dict(shapes, SEED_A), parent_state_dict(shapes, SEED_B)
+    res["rss_with_source_dicts"] = rss_bytes()  # + the two 128 MB random pools
+    res["hwm_reset"] = reset_hwm()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    bank = ParentBank.build(state_dicts=[sd_a, sd_b], layout=layout, device=device, dtype=dtype)
+    del sd_a, sd_b
+    gc.collect()
+    res["rss_after_bank"] = rss_bytes()
+    merger = Merger(bank)
+    res["rss_after_merger"] = rss_bytes()
+    res["peak_rss_build"] = hwm_bytes()
+    if cuda:
+        res["cuda_peak_build"] = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    reset_hwm()
+    rss0 = rss_bytes()
+    for _ in range(3):
+        merger.merge(recipe)
+    res["rss_after_merges"] = rss_bytes()
+    res["peak_rss_merge_phase"] = hwm_bytes()
+    res["merge_phase_growth"] = res["peak_rss_merge_phase"] - rss0
+    if cuda:
+        res["cuda_peak_merge_phase"] = torch.cuda.max_memory_allocated()
+        res["cuda_max_memory_allocated"] = max(res["cuda_peak_build"], res["cuda_peak_merge_phase"])
+    import resource
+
+    res["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux; reset with VmHWM
+    model_bytes = bank.numel * bank.buffers[0].element_size()
+    res["model_bytes"] = model_bytes
+    res["peak_rss"] = max(res["peak_rss_build"], res["peak_rss_merge_phase"])
+    res["peak_over_3x_model"] = res["peak_rss"] / (3 * model_bytes)
+    res["peak_minus_baseline_over_3x_model"] = (res["peak_rss"] - res["rss_baseline"]) / (3 * model_bytes)
+    if cuda:
+        res["cuda_peak_over_3x_model"] = res["cuda_max_memory_allocated"] / (3 * model_bytes)
+    return res
+
+
+def write_safetensors(path: Path, tensors: dict, dtype) -> int:
+    """Stream ``tensors`` (cast to ``dtype``) to a .safetensors file one tensor at a time."""
+    import torch
+
+    code = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}[dtype]
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for k, t in tensors.items():
+        n = t.numel() * torch.empty((), dtype=dtype).element_size()
+        header[k] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            c = t.to(dtype).contiguous()
+            f.write(c.view(torch.uint8).reshape(-1).numpy().tobytes() if dtype == torch.bfloat16 else c.numpy().tobytes())
+    return 8 + len(raw) + offset
+
+
+def worker_mecha(args) -> dict:
+    """sd-mecha weighted_sum with per-block alpha (sd1-supermerger_blocks -> sd1-ldm)."""
+    torch, shapes, dtype, layout = _setup(args)
+    import logging
+
+    import sd_mecha
+
+    logging.getLogger().setLevel(logging.ERROR)
+    device = args.device
+    res: dict = {"dtype": args.dtype, "device": device, "version": _version("sd-mecha")}
+    tmp = Path(tempfile.mkdtemp(prefix="evomerge-bench-", dir=args.tmpdir))
+    pa, pb = tmp / "parent_a.safetensors", tmp / "parent_b.safetensors"
+    try:
+        t0 = time.perf_counter()
+        pool_a = _pool(SEED_A)
+        size = write_safetensors(pa, parent_state_dict(shapes, SEED_A, pool_a), dtype)
+        del pool_a
+        pool_b = _pool(SEED_B)
+        write_safetensors(pb, parent_state_dict(shapes, SEED_B, pool_b), dtype)
+        del pool_b
+        gc.collect()
+        res["file_bytes_each"] = size
+        res["write_files_s"] = time.perf_counter() - t0
+
+        blocks = {b: float(w) for b, w in zip(layout.blocks, WEIGHTS, strict=True)}
+
+        class _NoBar:  # sd-mecha wants a tqdm-like factory
+            def __init__(self, *a, **k): pass
+            def __enter__(self): return self
+            def __exit__(self, *exc): return False
+            def update(self, *a, **k): pass
+            def set_postfix(self, *a, **k): pass
+            def close(self): pass
+
+        def build_recipe():
+            model_a = sd_mecha.model(str(pa), "sd1-ldm")
+            model_b = sd_mecha.model(str(pb), "sd1-ldm")
+            alpha = sd_mecha.convert(sd_mecha.literal(blocks, "sd1-supermerger_blocks"), model_a)
+            return sd_mecha.weighted_sum(model_a, model_b, alpha=alpha)
+
+        res["api"] = (
+            "sd_mecha.merge(sd_mecha.weighted_sum(sd_mecha.model(a, 'sd1-ldm'), sd_mecha.model(b, 'sd1-ldm'), "
+            "alpha=sd_mecha.convert(sd_mecha.literal({block: w}, 'sd1-supermerger_blocks'), model_a)), "
+            f"merge_device={device!r}, merge_dtype={dtype}, output_device={device!r}, output_dtype={dtype}, output=None -> in-memory dict)"
+        )
+        times = []
+        loads = []
+        out = None
+        for _ in range(args.mecha_reps):
+            loads.append(loadavg())
+            out = None
+            gc.collect()
+            t0 = time.perf_counter()
+            out = sd_mecha.merge(
+                build_recipe(),
+                merge_device=device,
+                merge_dtype=dtype,
+                output_device=device,
+                output_dtype=dtype,
+                tqdm=_NoBar,
+            )
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        res["merge"] = _stats(times, 0)
+        res["merge"]["loadavg_before_each"] = loads
+        res["output"] = "in-memory dict (output=None)"
+        res["threads"] = "default: min(max(open files, 2), cpu_count, 4)"
+
+        # check what sd-mecha produced against the naive formula (sd-mecha's block convention)
+        t0 = time.perf_counter()
+        sd_a, sd_b = parent_state_dict(shapes, SEED_A), parent_state_dict(shapes, SEED_B)
+        rtol, atol = TOLERANCES[args.dtype]
+        bad, missing, max_abs = [], [], 0.0
+        with torch.inference_mode():
+            for k in shapes:
+                if k not in out:
+                    missing.append(k)
+                    continue
+                w = blocks[mecha_block(k)]
+                want = ((1 - w) * sd_a[k].to(dtype) + w * sd_b[k].to(dtype)).float()
+                got = out[k].to("cpu").float()
+                diff = (got - want).abs_()
+                max_abs = max(max_abs, diff.max().item())
+                if tuple(got.shape) != tuple(shapes[k]) or not bool((diff <= atol + rtol * want.abs()).all()):
+                    bad.append(k)
+        extra = {k: (list(v.shape) if hasattr(v, "shape") else repr(v)[:200]) for k, v in out.items() if k not in shapes and k != "__metadata__"}
+        res["correctness"] = {
+            "keys_out": len(out),
+            "output_has_metadata_entry": "__metadata__" in out,  # sd-mecha stores its recipe there
+            "allclose_naive_with_mecha_blocks": not bad and not missing,
+            "missing": missing[:10],
+            "mismatched": bad[:10],
+            "extra_keys_in_output": extra,
+            "max_abs_diff": max_abs,
+            "rtol": rtol,
+            "atol": atol,
+            "note": "sd-mecha assigns time_embed to BASE (evomerge: IN00); the reference uses sd-mecha's convention",
+        }
+        res["check_s"] = time.perf_counter() - t0
+        del out
+    finally:
+        for p in (pa, pb):
+            p.unlink(missing_ok=True)
+        tmp.rmdir()
+    return res
+
+
+WORKERS = {"kernel": worker_kernel, "memory": worker_memory, "mecha": worker_mecha}
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info(device: str) -> dict:
+    import torch
+
+    info = {
+        "hostname": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_model": None,
+        "mem_total_bytes": None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda_build": torch.version.cuda,
+        "device": device,
+        "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        "diffusers": _version("diffusers"),
+        "safetensors": _version("safetensors"),
+        "sd_mecha": _version("sd-mecha"),
+        "evomerge": _version("evomerge"),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["mem_total_bytes"] = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    return info
+
+
+def run_worker(kind: str, dtype: str, args, shapes_path: Path) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--_worker", kind, "--_out", str(out),
+        "--_dtype", dtype, "--_shapes", str(shapes_path), "--device", args.device,
+        "--reps", str(args.reps), "--naive-reps", str(args.naive_reps), "--mecha-reps", str(args.mecha_reps),
+        "--tmpdir", args.tmpdir,
+    ]
+    t0 = time.perf_counter()
+    print(f"[bench] {kind:6s} {dtype} ...", end="", flush=True)
+    proc = subprocess.run(cmd, cwd=REPO)
+    wall = time.perf_counter() - t0
+    try:
+        if proc.returncode != 0:
+            print(f" FAILED (exit {proc.returncode})")
+            return {"error": f"worker exited {proc.returncode}", "wall_s": wall}
+        res = json.loads(out.read_text())
+        res["wall_s"] = wall
+        print(f" {wall:.1f} s")
+        return res
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def _ratio(x: float | None, y: float | None) -> float | None:
+    return x / y if x is not None and y else None
+
+
+def _med(d: dict, *path: str) -> float | None:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d.get("median_s") if isinstance(d, dict) else None
+
+
+def summarize(dtype: str, r: dict, device: str) -> dict:
+    k = r.get("kernel", {})
+    kernel = _med(k, "kernel")
+    model_bytes = k.get("model_bytes")
+    s = {
+        "kernel_s": kernel,
+        "copy_s": _med(k, "copy"),
+        "add_s": _med(k, "add"),
+        "lerp_flat_s": _med(k, "lerp_flat"),
+        "lerp_segments_s": _med(k, "lerp_segments"),
+        "naive_s": _med(k, "naive"),
+        "mecha_s": _med(r.get("mecha", {}), "merge"),
+        "model_bytes": model_bytes,
+    }
+    # headline ratios: median over rounds of (kernel time / op time) in the same round, robust to
+    # background load on a shared machine; *_medians: ratio of the two medians; *_mins: of the minima
+    for op in ("copy", "add", "lerp_flat", "lerp_segments"):
+        s[f"kernel_over_{op}"] = k.get(op, {}).get("paired_kernel_over_this_median")
+        s[f"kernel_over_{op}_medians"] = _ratio(kernel, s[f"{op}_s"])
+        s[f"kernel_over_{op}_mins"] = _ratio(k.get("kernel", {}).get("min_s"), k.get(op, {}).get("min_s"))
+    s["naive_over_kernel"] = _ratio(s["naive_s"], kernel)
+    s["mecha_over_kernel"] = _ratio(s["mecha_s"], kernel)
+    if model_bytes and kernel:
+        # bytes moved by a 2-parent lerp: read A, read B, write out
+        s["kernel_GBps"] = 3 * model_bytes / kernel / 1e9
+        s["copy_GBps"] = 2 * model_bytes / s["copy_s"] / 1e9 if s["copy_s"] else None
+        s["add_GBps"] = 3 * model_bytes / s["add_s"] / 1e9 if s["add_s"] else None
+    goal = 1.5 if device.startswith("cuda") else 1.3
+    s["goals"] = {
+        "kernel_over_copy_max": goal,
+        "kernel_over_copy_met": s["kernel_over_copy"] is not None and s["kernel_over_copy"] <= goal,
+        "mecha_over_kernel_min": 20,
+        "mecha_over_kernel_met": None if s["mecha_over_kernel"] is None else s["mecha_over_kernel"] >= 20,
+    }
+    m = r.get("memory", {})
+    s["peak_rss_bytes"] = m.get("peak_rss")
+    s["peak_over_3x_model"] = m.get("peak_over_3x_model")
+    s["peak_minus_baseline_over_3x_model"] = m.get("peak_minus_baseline_over_3x_model")
+    s["merge_phase_rss_growth_bytes"] = m.get("merge_phase_growth")
+    s["cuda_max_memory_allocated"] = m.get("cuda_max_memory_allocated")
+    s["correct"] = k.get("correctness", {}).get("kernel_allclose_naive")
+    s["mecha_correct"] = r.get("mecha", {}).get("correctness", {}).get("allclose_naive_with_mecha_blocks")
+    return s
+
+
+def _f(x, fmt="{:.3f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def print_table(summary: dict, info: dict) -> None:
+    dts = list(summary)
+    rows = [
+        ("evomerge kernel (s)", "kernel_s", "{:.3f}"),
+        ("copy_ floor (s)", "copy_s", "{:.3f}"),
+        ("add(a,b,out) floor (s)", "add_s", "{:.3f}"),
+        ("lerp flat, 1 call (s)", "lerp_flat_s", "{:.3f}"),
+        ("lerp per segment (s)", "lerp_segments_s", "{:.3f}"),
+        ("naive per-key loop (s)", "naive_s", "{:.3f}"),
+        ("sd-mecha merge (s)", "mecha_s", "{:.2f}"),
+        ("kernel / copy (paired per round)", "kernel_over_copy", "{:.2f}"),
+        ("kernel / copy (ratio of medians)", "kernel_over_copy_medians", "{:.2f}"),
+        ("kernel / copy (ratio of minima)", "kernel_over_copy_mins", "{:.2f}"),
+        ("kernel / add", "kernel_over_add", "{:.2f}"),
+        ("kernel / lerp flat", "kernel_over_lerp_flat", "{:.2f}"),
+        ("kernel / lerp per segment", "kernel_over_lerp_segments", "{:.2f}"),
+        ("naive / kernel", "naive_over_kernel", "{:.1f}"),
+        ("sd-mecha / kernel", "mecha_over_kernel", "{:.1f}"),
+        ("kernel GB/s (3 x model)", "kernel_GBps", "{:.1f}"),
+        ("copy GB/s (2 x model)", "copy_GBps", "{:.1f}"),
+        ("model size (GB)", "model_bytes", None),
+        ("peak RSS (GB)", "peak_rss_bytes", None),
+        ("peak RSS / (3 x model)", "peak_over_3x_model", "{:.3f}"),
+        ("(peak-baseline)/(3 x model)", "peak_minus_baseline_over_3x_model", "{:.3f}"),
+        ("CUDA max allocated (GB)", "cuda_max_memory_allocated", None),
+        ("kernel == naive (allclose)", "correct", "bool"),
+        ("sd-mecha == naive", "mecha_correct", "bool"),
+    ]
+    head = f"{'SD1.5 UNet, ' + info['device'] + ', ' + str(info['torch_threads']) + ' threads':34s}" + "".join(f"{d:>12s}" for d in dts)
+    print()
+    print(head)
+    print("-" * len(head))
+    for label, key, fmt in rows:
+        cells = []
+        for d in dts:
+            v = summary[d].get(key)
+            if fmt is None:
+                cells.append(_f(v / 1e9 if v is not None else None, "{:.2f}"))
+            elif fmt == "bool":
+                cells.append("-" if v is None else ("yes" if v else "NO"))
+            else:
+                cells.append(_f(v, fmt))
+        print(f"{label:34s}" + "".join(f"{c:>12s}" for c in cells))
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtypes", default="fp16,fp32", help="comma-separated, of fp16, fp32, bf16 (default: fp16,fp32)")
+    p.add_argument("--skip-mecha", action="store_true", help="do not run sd-mecha (no files written)")
+    p.add_argument("--reps", type=int, default=7, help="timed rounds of kernel and floors, after 1 warm-up (default 7)")
+    p.add_argument("--naive-reps", type=int, default=5, help="timed repetitions of the naive loop (default 5)")
+    p.add_argument("--mecha-reps", type=int, default=2, help="timed sd-mecha merges (default 2)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
+    p.add_argument("--tmpdir", default="/tmp", help="where sd-mecha's parent files are written (and deleted)")
+    p.add_argument("--output", default=None, help="JSON path (default bench/results/merge-<host>-<date>.json)")
+    p.add_argument("--_worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--_out", help=argparse.SUPPRESS)
+    p.add_argument("--_dtype", help=argparse.SUPPRESS)
+    p.add_argument("--_shapes", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    if args._worker:
+        args.dtype, args.shapes = args._dtype, args._shapes
+        res = WORKERS[args._worker](args)
+        Path(args._out).write_text(json.dumps(res, default=str))
+        return 0
+
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in DTYPES:
+            p.error(f"unknown dtype {d!r}; use {', '.join(DTYPES)}")
+    if not args.skip_mecha and importlib.util.find_spec("sd_mecha") is None:
+        p.error("sd-mecha is not installed: pip install sd-mecha (see bench/README.md), or pass --skip-mecha")
+
+    started = time.perf_counter()
+    info = machine_info(args.device)
+    t0 = time.perf_counter()
+    shapes, source = sd15_unet_shapes()
+    print(f"[bench] SD1.5 UNet: {len(shapes)} tensors, {sum(math.prod(s) for s in shapes.values()):,} params ({time.perf_counter() - t0:.1f} s)")
+    print(f"[bench] keys/shapes from: {source}")
+    print(f"[bench] block weights (MBW): {MBW}")
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(shapes, f)
+        shapes_path = Path(f.name)
+    raw: dict = {}
+    try:
+        for d in dtypes:
+            raw[d] = {"kernel": run_worker("kernel", d, args, shapes_path), "memory": run_worker("memory", d, args, shapes_path)}
+            if not args.skip_mecha:
+                raw[d]["mecha"] = run_worker("mecha", d, args, shapes_path)
+    finally:
+        shapes_path.unlink(missing_ok=True)
+
+    summary = {d: summarize(d, raw[d], args.device) for d in dtypes}
+    print_table(summary, info)
+    mecha_api = next((raw[d]["mecha"].get("api") for d in dtypes if "mecha" in raw[d]), None)
+    result = {
+        "benchmark": "evomerge merge kernel, SD1.5 UNet (686 tensors, 859,520,964 params), weighted_sum, 26 block weights",
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": info,
+        "model": {"tensors": len(shapes), "params": SD15_UNET_PARAMS, "keys_source": source, "parents": "seeded N(0, 0.02^2), windows of a 32M-value pool per parent"},
+        "mbw": MBW,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "sd_mecha_api": mecha_api,
+        "summary": summary,
+        "raw": raw,
+        "total_wall_s": time.perf_counter() - started,
+    }
+    out = Path(args.output) if args.output else HERE / "results" / f"merge-{socket.gethostname()}-{_dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"[bench] wrote {out} (total {result['total_wall_s']:.0f} s)")
+    ok = all(summary[d]["correct"] for d in dtypes) and all(summary[d]["mecha_correct"] in (None, True) for d in dtypes)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
