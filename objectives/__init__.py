@@ -1,0 +1,1 @@
+"""Image scorers: the objectives a study optimizes and the metrics that evaluate it."""
