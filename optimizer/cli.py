@@ -105,5 +105,39 @@ def merge(
     typer.echo(f"wrote {written}")
 
 
+zoo_app = typer.Typer(help="The embedded zoo of small SD1-topology models trained on coloured digits.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    out: Annotated[Path | None, typer.Option(help="Zoo folder (default: studies/zoo).")] = None,
+    scale: Annotated[float, typer.Option(help="Multiply every training step count (e.g. 0.05 for a smoke build).")] = 1.0,
+    evaluation_count: Annotated[int | None, typer.Option(help="Held-out captions the quality table uses (default 200).")] = None,
+) -> None:
+    """Train every zoo model and scorer on CPU, export fp16 files, measure quality, write the manifest."""
+    from optimizer.zoo.build import build_zoo
+
+    if scale <= 0:
+        raise _fail("--scale must be positive")
+    typer.echo(f"built {build_zoo(out=out, scale=scale, evaluation_count=evaluation_count)}")
+
+
+@zoo_app.command("check")
+def zoo_check(
+    zoo: Annotated[Path | None, typer.Option(help="Zoo folder (default: studies/zoo).")] = None,
+    measure: Annotated[bool, typer.Option(help="Re-measure the quality figures (else hashes only).")] = True,
+    fid: Annotated[bool, typer.Option(help="Include FID in the re-measurement (slowest part).")] = True,
+) -> None:
+    """Verify every file's sha256 against the manifest and re-measure the quality table."""
+    from optimizer.zoo.build import ZooError, check_zoo
+
+    try:
+        report = check_zoo(zoo=zoo, measure=measure, fid=fid)
+    except ZooError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"zoo ok: {report['files']} files match the manifest" + (", quality figures reproduced" if measure else ""))
+
+
 if __name__ == "__main__":
     app()
