@@ -36,7 +36,7 @@ from optimizer.zoo.quality import EvaluationSet, QualityMeter, evaluation_set
 EVALUATION = {"count": 200, "seed": 7, "steps": 20, "guidance": 4.0}
 #: figure -> allowed absolute difference between the manifest and a re-measurement
 TOLERANCES = {"oracle": 0.02, "clip_score": 0.5, "fid": 2.0}
-SCORER_STEPS = {"oracle": 400, "clip": 600}
+SCORER_STEPS = {"oracle": 400, "clip": 400}
 #: the diffusers folders duplicate the single files' weights; they are built but not committed
 #: (``.gitignore``), and ``check`` verifies them only where they are present
 DERIVED = "diffusers"
