@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optimizer.zoo.schedule import warmup_cosine
 from optimizer.zoo import domain
 from optimizer.zoo import tokenizer as zoo_tokenizer
 
@@ -398,14 +399,7 @@ def _train(*, steps: int, seed: int, batch_size: int, lr: float, augment: bool, 
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
-    warmup = max(1, steps // 10)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = warmup_cosine(optimizer, steps=steps, warmup=max(1, steps // 10))
     start = time.perf_counter()
     model.train()
     for step in range(steps):

@@ -21,7 +21,6 @@ the training samples and the augmentations all come from seeded generators.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from optimizer.zoo.schedule import warmup_cosine
 from optimizer.zoo import domain
 from optimizer.zoo.domain import Attributes
 
@@ -217,14 +217,7 @@ def _train(*, steps: int, seed: int, batch_size: int, lr: float, width: int, hid
     net = OracleNet(width=width, hidden=hidden)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    warmup = max(1, steps // 20)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = warmup_cosine(optimizer, steps=steps, warmup=max(1, steps // 20))
     start = time.perf_counter()
     net.train()
     for step in range(steps):

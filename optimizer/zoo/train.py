@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from optimizer.zoo import domain, models, tokenizer
+from optimizer.zoo.schedule import warmup_cosine
 
 __all__ = [
     "SPECIALITIES",
@@ -104,17 +105,7 @@ def _stream(*, seed: int, steps: int, batch_size: int) -> Iterator[tuple[torch.T
 
 def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up (10% of the steps, at most 50), then cosine decay to 10% of the learning rate."""
-    import math
-
-    warmup = min(50, max(1, steps // 10))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return warmup_cosine(optimizer, steps=steps, warmup=min(50, max(1, steps // 10)), floor=0.1)
 
 
 def _bar(steps: int, desc: str, progress: bool):
