@@ -338,14 +338,35 @@ def worker_kernel(args) -> dict:
         for s, w in zip(segs, seg_w):
             torch.lerp(s.view(a), s.view(b), w, out=s.view(out))
 
-    stats = merger.merge(recipe)  # first merge (a warm-up too), reported from MergeStats
+    stats = merger.merge(recipe)  # first merge (a warm-up too; compiles the Triton kernel), from MergeStats
+    res["backend"] = merger.backend
     res["first_merge_s"] = stats.seconds
     res["merge_calls"] = stats.calls
     res["merged_elements"] = stats.merged_elements
-    t0 = time.perf_counter()
     fns = {"kernel": kernel, "copy": copy, "add": add, "lerp_flat": lerp_flat, "lerp_segments": lerp_segments}
+    if merger.backend == "triton":
+        # the torch path on the same bank (its own output buffer), and the fused kernel's tile sizes
+        from optimizer.merge.fused import FusedLinear
+
+        torch_merger = Merger(bank, backend="torch")
+        fns["kernel_torch"] = lambda: torch_merger.merge(recipe)
+        rows = [(1.0 - w, w) for w in (float(recipe.params["alpha"][blk]) for blk in layout.blocks)]
+        for tile, warps in args.tiles:
+            fused = FusedLinear(bank=bank, output=out, tile=tile, num_warps=warps)
+            fns[f"fused_tile_{tile}x{warps}"] = lambda fused=fused: fused(rows)
+    t0 = time.perf_counter()
     res.update(timer.interleaved(fns, args.reps))
     phases["timed_ops"] = time.perf_counter() - t0
+    if args.methods:
+        # the other methods (per-tensor torch ops), same two parents, 26 block weights
+        t0 = time.perf_counter()
+        per_method = {}
+        for name, params in (("ties", {"alpha": 1.0, "density": 0.2}), ("dare", {"alpha": 1.0, "drop_rate": 0.9}), ("slerp", {})):
+            r = MergeRecipe.from_mbw(method=name, layout=layout, mbw=MBW)
+            r = MergeRecipe(method=name, params={**r.params, **{k: dict.fromkeys(layout.blocks, v) for k, v in params.items()}})
+            per_method[name] = timer.interleaved({name: lambda r=r: merger.merge(r)}, args.method_reps)[name]
+        res["methods"] = per_method
+        phases["methods"] = time.perf_counter() - t0
 
     # naive per-key loop, on per-key views of the same parent buffers
     views_a = {sp.key: sp.view(a) for sp in bank.spans}
@@ -646,8 +667,8 @@ def run_worker(kind: str, dtype: str, args, shapes_path: Path) -> dict:
         sys.executable, str(Path(__file__).resolve()), "--_worker", kind, "--_out", str(out),
         "--_dtype", dtype, "--_shapes", str(shapes_path), "--device", args.device,
         "--reps", str(args.reps), "--naive-reps", str(args.naive_reps), "--mecha-reps", str(args.mecha_reps),
-        "--tmpdir", args.tmpdir,
-    ]
+        "--tmpdir", args.tmpdir, "--tiles", ",".join(f"{t}:{w}" for t, w in args.tiles), "--method-reps", str(args.method_reps),
+    ] + (["--methods"] if args.methods else [])
     t0 = time.perf_counter()
     print(f"[bench] {kind:6s} {dtype} ...", end="", flush=True)
     proc = subprocess.run(cmd, cwd=REPO)
@@ -689,10 +710,15 @@ def summarize(dtype: str, r: dict, device: str) -> dict:
         "naive_s": _med(k, "naive"),
         "mecha_s": _med(r.get("mecha", {}), "merge"),
         "model_bytes": model_bytes,
+        "backend": k.get("backend"),
+        "kernel_torch_s": _med(k, "kernel_torch"),
     }
+    for name in ("ties", "dare", "slerp"):
+        s[f"{name}_s"] = _med(k.get("methods", {}), name)
+    s["tiles_s"] = {key.removeprefix("fused_tile_"): v["median_s"] for key, v in k.items() if key.startswith("fused_tile_")}
     # headline ratios: median over rounds of (kernel time / op time) in the same round, robust to
     # background load on a shared machine; *_medians: ratio of the two medians; *_mins: of the minima
-    for op in ("copy", "add", "lerp_flat", "lerp_segments"):
+    for op in ("copy", "add", "lerp_flat", "lerp_segments", "kernel_torch"):
         s[f"kernel_over_{op}"] = k.get(op, {}).get("paired_kernel_over_this_median")
         s[f"kernel_over_{op}_medians"] = _ratio(kernel, s[f"{op}_s"])
         s[f"kernel_over_{op}_mins"] = _ratio(k.get("kernel", {}).get("min_s"), k.get(op, {}).get("min_s"))
@@ -728,11 +754,13 @@ def _f(x, fmt="{:.3f}"):
 def print_table(summary: dict, info: dict) -> None:
     dts = list(summary)
     rows = [
-        ("evomerge kernel (s)", "kernel_s", "{:.3f}"),
-        ("copy_ floor (s)", "copy_s", "{:.3f}"),
-        ("add(a,b,out) floor (s)", "add_s", "{:.3f}"),
-        ("lerp flat, 1 call (s)", "lerp_flat_s", "{:.3f}"),
-        ("lerp per segment (s)", "lerp_segments_s", "{:.3f}"),
+        ("evomerge kernel (s)", "kernel_s", "{:.4f}"),
+        ("  kernel backend", "backend", "str"),
+        ("  torch backend on CUDA (s)", "kernel_torch_s", "{:.4f}"),
+        ("copy_ floor (s)", "copy_s", "{:.4f}"),
+        ("add(a,b,out) floor (s)", "add_s", "{:.4f}"),
+        ("lerp flat, 1 call (s)", "lerp_flat_s", "{:.4f}"),
+        ("lerp per segment (s)", "lerp_segments_s", "{:.4f}"),
         ("naive per-key loop (s)", "naive_s", "{:.3f}"),
         ("sd-mecha merge (s)", "mecha_s", "{:.2f}"),
         ("kernel / copy (paired per round)", "kernel_over_copy", "{:.2f}"),
@@ -741,6 +769,10 @@ def print_table(summary: dict, info: dict) -> None:
         ("kernel / add", "kernel_over_add", "{:.2f}"),
         ("kernel / lerp flat", "kernel_over_lerp_flat", "{:.2f}"),
         ("kernel / lerp per segment", "kernel_over_lerp_segments", "{:.2f}"),
+        ("kernel / torch backend", "kernel_over_kernel_torch", "{:.2f}"),
+        ("ties merge (s)", "ties_s", "{:.3f}"),
+        ("dare merge (s)", "dare_s", "{:.3f}"),
+        ("slerp merge (s)", "slerp_s", "{:.3f}"),
         ("naive / kernel", "naive_over_kernel", "{:.1f}"),
         ("sd-mecha / kernel", "mecha_over_kernel", "{:.1f}"),
         ("kernel GB/s (3 x model)", "kernel_GBps", "{:.1f}"),
@@ -763,11 +795,17 @@ def print_table(summary: dict, info: dict) -> None:
             v = summary[d].get(key)
             if fmt is None:
                 cells.append(_f(v / 1e9 if v is not None else None, "{:.2f}"))
+            elif fmt == "str":
+                cells.append("-" if v is None else str(v))
             elif fmt == "bool":
                 cells.append("-" if v is None else ("yes" if v else "NO"))
             else:
                 cells.append(_f(v, fmt))
         print(f"{label:34s}" + "".join(f"{c:>12s}" for c in cells))
+    for d in dts:
+        if summary[d].get("tiles_s"):
+            tiles = ", ".join(f"{t}: {v * 1e3:.2f} ms" for t, v in summary[d]["tiles_s"].items())  # TILExWARPS
+            print(f"fused kernel by tile size ({d}): {tiles}")
     print()
 
 
@@ -779,6 +817,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--naive-reps", type=int, default=5, help="timed repetitions of the naive loop (default 5)")
     p.add_argument("--mecha-reps", type=int, default=2, help="timed sd-mecha merges (default 2)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda")
+    p.add_argument("--methods", action="store_true", help="also time ties, dare and slerp merges")
+    p.add_argument("--method-reps", type=int, default=3, help="timed merges per method with --methods (default 3)")
+    p.add_argument(
+        "--tiles",
+        default="1024:4,2048:4,2048:8,4096:4,4096:8,8192:8",
+        help="fused kernel TILE:NUM_WARPS pairs to time on CUDA (default 1024:4,2048:4,2048:8,4096:4,4096:8,8192:8)",
+    )
     p.add_argument("--tmpdir", default="/tmp", help="where sd-mecha's parent files are written (and deleted)")
     p.add_argument("--output", default=None, help="JSON path (default bench/results/merge-<host>-<date>.json)")
     p.add_argument("--_worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -786,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--_dtype", help=argparse.SUPPRESS)
     p.add_argument("--_shapes", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.tiles = [tuple(int(x) for x in t.split(":")) for t in str(args.tiles).split(",") if t.strip()]
 
     if args.device == "auto":
         import torch

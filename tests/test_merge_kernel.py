@@ -18,6 +18,7 @@ from optimizer.merge import (
     get_method,
     merge_state_dicts_reference,
 )
+from optimizer.merge.flat import SEGMENT_ALIGN
 from tests.synthetic import POSITION_IDS_KEY, VAE_KEYS, synthetic_state_dicts
 
 LAYOUT = load_layout("sd1")
@@ -49,14 +50,17 @@ def test_bank_segments_follow_mbw_order_and_cover_everything():
     assert names == [*LAYOUT.blocks, "VAE"]
     pos = 0
     for name, seg in bank.segments.items():
-        assert seg.start == pos and seg.numel > 0, name
+        aligned = -(-pos // SEGMENT_ALIGN) * SEGMENT_ALIGN
+        assert seg.start == aligned and seg.start % SEGMENT_ALIGN == 0 and seg.numel > 0, name
+        assert not bank.buffers[0][pos:aligned].any()  # padding between segments is zeros
+        pos = aligned
         for span in seg.spans:
             assert span.owner == name and span.offset == pos
             assert LAYOUT.owner_of(span.key) == name
             assert torch.equal(span.view(bank.buffers[1]), sds[1][span.key])
             pos += span.numel
         assert seg.end == pos
-    assert bank.numel == pos == bank.buffers[0].numel()
+    assert bank.numel == -(-pos // SEGMENT_ALIGN) * SEGMENT_ALIGN == bank.buffers[0].numel()
     assert bank.segments["VAE"].component and not bank.segments["BASE"].component
     assert {s.key for s in bank.segments["VAE"].spans} == set(VAE_KEYS)
     assert set(bank.passthrough) == {POSITION_IDS_KEY}

@@ -3,7 +3,10 @@
 Layout of a buffer (identical for all parents): the mergeable tensors of MBW block ``BASE``, then
 ``IN00``, ... in layout order, then each component (``VAE``) on its own; within a block, tensors
 keep the order of parent 0's keys. So each block (and component) is one contiguous segment
-``[start, end)`` and an elementwise method can merge a whole block with one call.
+``[start, end)`` and an elementwise method can merge a whole block with one call. Every segment
+starts at a multiple of :data:`SEGMENT_ALIGN` elements and the buffer's length is one (a few
+zero-filled padding elements sit after each segment), so that vectorised loads work on every segment, in torch's kernels and in the
+fused Triton kernel alike (an unaligned segment makes both fall back to scalar loads).
 
 Not in the buffers (kept aside, copied from parent 0, original dtype): tensors that are not
 floating point (int64 ``position_ids``, bool masks) and keys matching
@@ -22,6 +25,9 @@ from torch import Tensor
 
 from optimizer.architectures.layout import BlockLayout
 from optimizer.merge.errors import ParentMismatchError
+
+#: Segment starts are multiples of this many elements (128 bytes of fp16, 256 of fp32).
+SEGMENT_ALIGN = 64
 
 #: Keys copied from parent 0 even when floating point.
 NON_MERGEABLE_PATTERNS: tuple[re.Pattern[str], ...] = (re.compile(r"(^|\.)position_ids$"),)
@@ -136,6 +142,7 @@ class ParentBank:
         segments: dict[str, Segment] = {}
         offset = index = 0
         for name, keys in by_owner.items():
+            offset = -(-offset // SEGMENT_ALIGN) * SEGMENT_ALIGN
             start = offset
             spans = []
             for key in keys:
@@ -145,11 +152,12 @@ class ParentBank:
                 offset += numel
                 index += 1
             segments[name] = Segment(name=name, start=start, end=offset, component=name in layout.components, spans=tuple(spans))
+        offset = -(-offset // SEGMENT_ALIGN) * SEGMENT_ALIGN  # the buffer ends aligned too
 
         buffers = []
         with torch.no_grad():
             for sd in state_dicts:
-                buf = torch.empty(offset, dtype=dtype, device=device)
+                buf = torch.zeros(offset, dtype=dtype, device=device)  # zeros: the padding is defined
                 for seg in segments.values():
                     for span in seg.spans:
                         span.view(buf).copy_(sd[span.key])

@@ -16,6 +16,12 @@ Stochastic methods (DARE) get a generator on the bank's device seeded with
 :func:`~optimizer.merge.methods.tensor_seed` ``(seed, key)``, so a merge is reproducible and equals
 :func:`~optimizer.merge.reference.merge_state_dicts_reference` on the same device.
 
+Backends: ``"torch"`` is the per-segment path above. ``"triton"`` computes linear methods
+(``weighted_sum``, ``add_difference``: see ``MergeMethod.coefficients``) with ONE fused Triton launch
+over every block (:mod:`optimizer.merge.fused`: each parent read once, the output written once,
+fp32 arithmetic); other methods still take the torch path. ``"auto"`` (default) is ``"triton"`` on a
+CUDA device where Triton imports, else ``"torch"``.
+
 Components (VAE): copied from parent 0 unless ``recipe.merge_vae``, then merged with the BASE
 block's parameters. Passthrough tensors (integer, ``position_ids``) are parent 0's, never merged.
 """
@@ -24,11 +30,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from optimizer.merge.errors import MergeError
 from optimizer.merge.flat import ParentBank, Segment
+from optimizer.merge.fused import FusedLinear, fused_available
 from optimizer.merge.methods import MergeMethod, tensor_seed
 from optimizer.merge.recipe import VAE_PARAMS_BLOCK, MergeRecipe
 
@@ -39,16 +48,26 @@ class MergeStats:
 
     method: str
     seconds: float  # wall time, including a device synchronize on CUDA
-    calls: int  # method calls (segments for elementwise methods, tensors for tensor methods)
+    calls: int  # method calls (segments for elementwise methods, tensors for tensor methods; 1 per fused launch)
     merged_elements: int
     copied_elements: int  # components copied from parent 0 in this merge
     merged_vae: bool
+    backend: str = "torch"  # what computed this merge: "torch" or "triton"
+
+
+Backend = Literal["auto", "torch", "triton"]
 
 
 class Merger:
-    """Owns ONE flat output buffer, the same size as a parent buffer, initialised to parent 0."""
+    """Owns ONE flat output buffer, the same size as a parent buffer, initialised to parent 0.
 
-    def __init__(self, bank: ParentBank) -> None:
+    ``backend``: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring); asking for
+    ``"triton"`` where it cannot run raises :class:`~optimizer.merge.errors.MergeError`.
+    """
+
+    def __init__(self, bank: ParentBank, *, backend: Backend = "auto") -> None:
+        if backend not in ("auto", "torch", "triton"):
+            raise MergeError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         self.bank = bank
         # A normal (non-inference) tensor even if built under inference_mode, so that its views
         # can back nn.Parameters via load_state_dict(..., assign=True).
@@ -61,9 +80,12 @@ class Merger:
             views[key] = tensor
         self._views = {key: views[key] for key in bank.keys}
         self._component_is_parent0 = {name: True for name, seg in bank.segments.items() if seg.component}
+        use_triton = backend == "triton" or (backend == "auto" and bank.device.type == "cuda" and fused_available(bank.device))
+        self._fused = FusedLinear(bank=bank, output=self.output) if use_triton else None
+        self.backend = "triton" if use_triton else "torch"
 
     def __repr__(self) -> str:
-        return f"Merger({self.bank!r})"
+        return f"Merger({self.bank!r}, backend={self.backend!r})"
 
     def state_dict(self) -> dict[str, Tensor]:
         """``{key: view}`` in parent 0's key order; the same tensor objects on every call, so a
@@ -85,6 +107,8 @@ class Merger:
         seed = recipe.seed if generator_seed is None else int(generator_seed)
         started = time.perf_counter()
         calls = merged = copied = 0
+        if self._fused is not None and method.coefficients is not None:
+            return self._merge_fused(recipe, names, started)
         with torch.inference_mode():
             for block in bank.layout.blocks:
                 seg = bank.segments[block]
@@ -112,6 +136,44 @@ class Merger:
             merged_elements=merged,
             copied_elements=copied,
             merged_vae=recipe.merge_vae,
+        )
+
+    def _merge_fused(self, recipe: MergeRecipe, names: tuple[str, ...], started: float) -> MergeStats:
+        """All blocks (and, with ``merge_vae``, components) in one launch; components otherwise
+        copied from parent 0 once, as in the torch path."""
+        bank, fused = self.bank, self._fused
+        assert fused is not None and recipe.merge_method.coefficients is not None
+        coefficients = recipe.merge_method.coefficients
+        rows = []
+        merged = copied = 0
+        for name in fused.segment_names:
+            seg = bank.segments[name]
+            if seg.component and not recipe.merge_vae:
+                break
+            block = VAE_PARAMS_BLOCK if seg.component else name
+            rows.append(coefficients(bank.n_parents, {p: float(recipe.params[p][block]) for p in names}))
+            merged += seg.numel
+        with torch.inference_mode():
+            fused(rows)
+            for name, seg in bank.segments.items():
+                if not seg.component:
+                    continue
+                if recipe.merge_vae:
+                    self._component_is_parent0[name] = False
+                elif not self._component_is_parent0[name]:
+                    seg.view(self.output).copy_(seg.view(bank.buffers[0]))
+                    copied += seg.numel
+                    self._component_is_parent0[name] = True
+        if self.output.device.type == "cuda":
+            torch.cuda.synchronize(self.output.device)
+        return MergeStats(
+            method=recipe.merge_method.name,
+            seconds=time.perf_counter() - started,
+            calls=1,
+            merged_elements=merged,
+            copied_elements=copied,
+            merged_vae=recipe.merge_vae,
+            backend="triton",
         )
 
     def _merge_segment(self, method: MergeMethod, seg: Segment, params: dict[str, float], seed: int) -> int:

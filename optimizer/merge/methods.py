@@ -49,6 +49,10 @@ class MergeFn(Protocol):
     def __call__(self, parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator | None, **params: float) -> Tensor: ...
 
 
+#: ``coefficients(n_parents, params) -> (c_0, ..., c_{n-1})`` of a linear method: ``out = sum_i c_i P_i``.
+Coefficients = Callable[[int, Mapping[str, float]], tuple[float, ...]]
+
+
 @dataclass(frozen=True)
 class ParamRange:
     """Allowed values of one parameter: an interval, each end open or closed (always finite)."""
@@ -84,6 +88,9 @@ class MergeMethod:
     parameters that only exist when enough parents are given: ``per_parent[i]`` is the weight of
     parent ``i + 1`` (``weighted_sum``: alpha for B, beta for C, ...). ``stochastic`` methods
     draw from the generator the kernel passes (seeded per tensor, see :func:`tensor_seed`).
+    ``coefficients`` is set for *linear* methods, whose result is ``sum_i c_i P_i`` with
+    coefficients that depend only on the parameters: the fused GPU kernel
+    (:mod:`optimizer.merge.fused`) computes those in one pass, in fp32, rounding once.
     """
 
     name: str
@@ -96,6 +103,7 @@ class MergeMethod:
     ranges: Mapping[str, ParamRange] = field(default_factory=dict)
     per_parent: tuple[str, ...] = ()
     stochastic: bool = False
+    coefficients: Coefficients | None = None
 
     def param_names(self, n_parents: int) -> tuple[str, ...]:
         """The parameters this method takes with ``n_parents`` parents, in declaration order."""
@@ -146,13 +154,19 @@ def merge_method(
     ranges: Mapping[str, ParamRange] | None = None,
     per_parent: tuple[str, ...] = (),
     stochastic: bool = False,
+    coefficients: Coefficients | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
-    """Register ``fn`` as merge method ``name`` taking ``parents=(min, max)`` parents."""
+    """Register ``fn`` as merge method ``name`` taking ``parents=(min, max)`` parents.
+
+    Pass ``coefficients`` only for a linear elementwise method (its result must equal
+    ``sum_i c_i P_i``; the kernel then may compute it with the fused kernel instead of ``fn``)."""
     lo, hi = parents
     if not 1 <= lo <= hi:
         raise ValueError(f"{name}: bad parent range {parents}")
     if granularity not in ("elementwise", "tensor"):
         raise ValueError(f"{name}: granularity must be 'elementwise' or 'tensor', got {granularity!r}")
+    if coefficients is not None and (granularity != "elementwise" or stochastic):
+        raise ValueError(f"{name}: only a deterministic elementwise method can be linear (coefficients=)")
     unknown = set(ranges or {}) | set(per_parent)
     unknown -= set(params)
     if unknown:
@@ -172,6 +186,7 @@ def merge_method(
             ranges=MappingProxyType(dict(ranges or {})),
             per_parent=per_parent,
             stochastic=stochastic,
+            coefficients=coefficients,
         )
         return fn
 
@@ -228,12 +243,23 @@ def _check_out(parents: Sequence[Tensor], out: Tensor) -> None:
 # elementwise methods
 
 
+def _weighted_sum_coefficients(n_parents: int, params: Mapping[str, float]) -> tuple[float, ...]:
+    weights = [float(params[n]) for n in ("alpha", "beta", "gamma", "delta")[: n_parents - 1]]
+    return (1.0 - sum(weights), *weights)
+
+
+def _add_difference_coefficients(n_parents: int, params: Mapping[str, float]) -> tuple[float, ...]:
+    alpha = float(params["alpha"])
+    return (1.0, alpha, -alpha)
+
+
 @merge_method(
     name="weighted_sum",
     parents=(2, 5),
     params={"alpha": 0.5, "beta": 0.0, "gamma": 0.0, "delta": 0.0},
     per_parent=("alpha", "beta", "gamma", "delta"),
     granularity="elementwise",
+    coefficients=_weighted_sum_coefficients,
 )
 def weighted_sum(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator | None = None, **params: float) -> Tensor:
     """Weighted sum; ``alpha`` is the weight of B.
@@ -254,7 +280,9 @@ def weighted_sum(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Gen
     return out
 
 
-@merge_method(name="add_difference", parents=(3, 3), params={"alpha": 1.0}, granularity="elementwise")
+@merge_method(
+    name="add_difference", parents=(3, 3), params={"alpha": 1.0}, granularity="elementwise", coefficients=_add_difference_coefficients
+)
 def add_difference(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator | None = None, alpha: float) -> Tensor:
     """Add difference: ``A + alpha (B - C)`` (two passes: ``out = B - C``, then ``out = A + alpha out``)."""
     _check_out(parents, out)
