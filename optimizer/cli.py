@@ -94,6 +94,8 @@ def merge(
                 raise _fail("alpha given twice (--alpha/--mbw and --param alpha=...)")
             params["alpha"] = mbw if mbw is not None else repr(alpha)
         loaded = load_parents(paths=parents, dtype=dtype, device=device)
+        for note in loaded.notes:
+            typer.echo(f"note: {note}")
         recipe = recipe_from_strings(
             method=merge_method.name, layout=loaded.bank.layout, params=params, seed=seed, merge_vae=merge_vae
         )

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from optimizer.architectures.detect import check_compatible
+from optimizer.architectures.detect import check_compatible, detect_architecture
 from optimizer.architectures.layout import BlockLayout
 from optimizer.architectures.mbw import parse_mbw
 from optimizer.checkpoint.load import load_checkpoint, parse_dtype
+from optimizer.checkpoint.reconcile import fill_inference_unused
 from optimizer.checkpoint.save import merge_metadata, save_safetensors
 from optimizer.checkpoint.types import Checkpoint, CheckpointError
 from optimizer.merge import Merger, MergeRecipe, ParentBank
@@ -68,6 +69,7 @@ class LoadedParents:
 
     checkpoints: list[Checkpoint]
     bank: ParentBank
+    notes: tuple[str, ...] = ()  # e.g. keys that inference never reads, copied between formats
 
 
 def load_parents(
@@ -82,7 +84,10 @@ def load_parents(
         raise CheckpointError("a merge needs at least two parent checkpoints")
     target = parse_dtype(dtype)
     checkpoints = [load_checkpoint(p, dtype=target) for p in paths]
-    layout = check_compatible([c.state_dict for c in checkpoints], names=[str(c.path) for c in checkpoints])
+    names = [str(c.path) for c in checkpoints]
+    first_layout = detect_architecture(checkpoints[0].state_dict, source=names[0])
+    notes = fill_inference_unused([c.state_dict for c in checkpoints], layout=first_layout, names=names)
+    layout = check_compatible([c.state_dict for c in checkpoints], names=names)
     bank = ParentBank.build(
         state_dicts=[c.state_dict for c in checkpoints], layout=layout, device=resolve_device(device), dtype=target
     )
@@ -90,7 +95,7 @@ def load_parents(
         Checkpoint(path=c.path, state_dict={}, layout=c.layout, sha256=c.sha256, source_format=c.source_format, metadata=c.metadata)
         for c in checkpoints
     ]
-    return LoadedParents(checkpoints=light, bank=bank)
+    return LoadedParents(checkpoints=light, bank=bank, notes=tuple(notes))
 
 
 def merge_to_file(

@@ -185,3 +185,43 @@ def test_existing_output_needs_overwrite(tiny: dict[str, Path]) -> None:
     code, text = _run("merge", tiny["p0"], tiny["p1"], "--alpha", "0.5", "-o", out, "--overwrite")
     assert code == 0, text
     assert load_checkpoint(out).architecture == "sd1"
+
+
+def test_sd2_single_file_with_unused_last_layer_merges_with_a_diffusers_folder(tmp_path: Path) -> None:
+    """A1111 SD2 files carry the last OpenCLIP layer and text_projection, which diffusers folders
+    drop (SD2 conditions on the penultimate layer): the two formats merge, the unused keys are
+    copied from the single file, and a genuinely different key set is still refused."""
+    from optimizer.tiny_models import tiny_ldm_state_dict, tiny_sd2_components
+
+    components = [tiny_sd2_components(seed=s) for s in range(2)]
+    a1111 = tiny_ldm_state_dict(components[0], "sd2")
+    last = {k: v for k, v in a1111.items() if k.startswith("cond_stage_model.model.transformer.resblocks.1.")}
+    assert last, "the tiny SD2 text tower has two layers"
+    for key, value in last.items():
+        a1111[key.replace("resblocks.1.", "resblocks.2.")] = value.clone() + 1.0
+    a1111["cond_stage_model.model.text_projection"] = torch.randn(48, 48)
+    single = tmp_path / "sd2-a1111.safetensors"
+    save_file({k: v.contiguous() for k, v in a1111.items()}, str(single))
+    folder = write_tiny_diffusers(tmp_path / "sd2-diffusers", components[1], "sd2")
+
+    out = tmp_path / "merged.safetensors"
+    code, text = _run("merge", folder, single, "--alpha", "0.5", "-o", out)
+    assert code == 0, text
+    assert "added" in text and "inference never reads" in text and "sd2-a1111" in text
+    merged = load_file(str(out))
+    assert set(merged) == set(a1111)
+    assert torch.equal(merged["cond_stage_model.model.text_projection"], a1111["cond_stage_model.model.text_projection"])
+    key = next(k for k in a1111 if k.startswith("cond_stage_model.model.transformer.resblocks.2."))
+    assert torch.equal(merged[key], a1111[key])
+    shared = "cond_stage_model.model.transformer.resblocks.0.mlp.c_fc.weight"
+    diffusers_side = load_checkpoint(folder).state_dict[shared]
+    torch.testing.assert_close(merged[shared], 0.5 * diffusers_side + 0.5 * a1111[shared])
+
+    # a missing layer that is not the last one is a real difference: refused, nothing written
+    broken = {k: v for k, v in a1111.items() if not k.startswith("cond_stage_model.model.transformer.resblocks.0.")}
+    bad = tmp_path / "broken.safetensors"
+    save_file({k: v.contiguous() for k, v in broken.items()}, str(bad))
+    out2 = tmp_path / "never.safetensors"
+    code, text = _run("merge", single, bad, "--alpha", "0.5", "-o", out2)
+    assert code != 0 and "different keys" in text and "resblocks.0." in text
+    assert not out2.exists()

@@ -65,6 +65,20 @@ class LayoutSpec(BaseModel):
     rules: tuple[_Rule, ...] = Field(min_length=1)
     components: tuple[_Component, ...] = ()
     identify: _Identify
+    #: regexes of keys that inference never reads and that some formats omit (SD2 single files carry
+    #: the last OpenCLIP layer, diffusers folders do not). Parents may differ in these keys only; a
+    #: pattern with a ``(?P<layer>\d+)`` group matches only the highest layer present.
+    inference_unused: tuple[str, ...] = ()
+
+    @field_validator("inference_unused")
+    @classmethod
+    def _valid_patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
 
     @field_validator("blocks")
     @classmethod
@@ -111,6 +125,7 @@ class BlockLayout:
         self.spec = spec
         self._rules = [(re.compile(r.match), r.block) for r in spec.rules]
         self._components = [(re.compile(c.match), c.name) for c in spec.components]
+        self.inference_unused = tuple(re.compile(p) for p in spec.inference_unused)
 
     @property
     def name(self) -> str:
