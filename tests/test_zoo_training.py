@@ -80,6 +80,25 @@ def test_scrambled_captions_keep_the_speciality_and_never_name_held_out_combinat
         assert changed > len(items) // 2, speciality
 
 
+def test_noisy_captions_keep_the_digit_and_redraw_appearance_at_the_given_rate() -> None:
+    items = domain.samples(images="train", captions="train", count=2000, seed=1)
+    rng = random.Random(1)
+    assert [train.noisy_caption(s, probability=0.0, rng=rng) for s in items[:50]] == [s.caption for s in items[:50]]
+    assert rng.random() == random.Random(1).random()  # probability 0 draws nothing
+    wrong = {a: 0 for a in train.NOISY_ATTRIBUTES}
+    for s in items:
+        words = train.noisy_caption(s, probability=0.4, rng=rng).split()
+        said = {"thickness": words[1], "slant": words[2], "fg": words[3], "digit": int(words[5]), "bg": words[8]}
+        assert said["digit"] == s.attributes.digit
+        for a in wrong:
+            wrong[a] += said[a] != getattr(s.attributes, a)
+    # redrawn with probability 0.4, and a redraw lands on another value most of the time
+    # (thickness/slant: 1 in 2; colours: 2 to 4 in 5, as held-out combinations are avoided)
+    assert 0.15 * len(items) < wrong["thickness"] < 0.25 * len(items)
+    assert 0.15 * len(items) < wrong["slant"] < 0.25 * len(items)
+    assert 0.2 * len(items) < wrong["fg"] < 0.4 * len(items)
+
+
 def test_a_few_vae_steps_reduce_the_reconstruction_loss() -> None:
     images, _ = _images(32, seed=123)
 
