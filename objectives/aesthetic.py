@@ -95,3 +95,40 @@ def aesthetic_scores(head: nn.Module, embeddings: Tensor) -> Tensor:
     e = embeddings.float()
     e = e / e.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     return head(e)
+
+
+class AestheticObjective:
+    """Mean aesthetic score of the images seen since :meth:`reset` (maximize): a CLIP image tower
+    (any open_clip model, e.g. ViT-L-14 for the LAION/improved heads) followed by a head."""
+
+    direction = "maximize"
+
+    def __init__(self, *, clip_model, head: nn.Module, batch_size: int = 64, name: str = "aesthetic") -> None:
+        from objectives.clip_score import encode_images
+
+        self._encode = encode_images
+        self.model = clip_model.eval()
+        self.head = head
+        self.batch_size = batch_size
+        self.name = name
+        self._sum = 0.0
+        self._count = 0
+
+    def reset(self) -> None:
+        self._sum = 0.0
+        self._count = 0
+
+    def update(self, images: Tensor, *, prompts=()) -> None:
+        from objectives.base import check_images
+
+        embeddings = self._encode(self.model, check_images(images), batch_size=self.batch_size)
+        if embeddings.shape[1] != self.head.dim:
+            raise ValueError(f"{self.name}: the head takes {self.head.dim}-d CLIP embeddings, the CLIP model gives {embeddings.shape[1]}-d")
+        scores = aesthetic_scores(self.head, embeddings.cpu())
+        self._sum += float(scores.double().sum())
+        self._count += len(scores)
+
+    def compute(self) -> float:
+        if not self._count:
+            raise ValueError(f"{self.name}: no images scored since reset()")
+        return self._sum / self._count

@@ -107,6 +107,50 @@ def merge(
     typer.echo(f"wrote {written}")
 
 
+@app.command()
+def score(
+    images: Annotated[Path, typer.Option("--images", help="Folder of images to score (sorted by file name).")],
+    objective: Annotated[list[str], typer.Option("--objective", help="clip, fid, kid or aesthetic; repeat for several.")],
+    prompts: Annotated[Path | None, typer.Option(help="One prompt per line in file-name order, or JSON {file: prompt} (clip).")] = None,
+    reference: Annotated[Path | None, typer.Option(help="Folder of reference images (fid, kid).")] = None,
+    reference_cache: Annotated[Path | None, typer.Option(help="Cache file for the reference features (fid, kid).")] = None,
+    clip_model: Annotated[str, typer.Option(help="open_clip model name (clip, aesthetic).")] = "evomerge-digits-clip",
+    clip_weights: Annotated[str | None, typer.Option(help="open_clip pretrained tag or local weights file; default for the zoo CLIP: the committed zoo's.")] = None,
+    aesthetic_head: Annotated[Path | None, typer.Option(help="LAION linear head or improved-predictor MLP .pth (aesthetic).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Score a folder of images with CLIP score, FID, KID or an aesthetic head."""
+    from objectives.fid import ReferenceSetError
+    from objectives.aesthetic import AestheticHeadError
+    from objectives.score_folder import build_objective, score_folder
+
+    if clip_model == "evomerge-digits-clip" and clip_weights is None:
+        from optimizer.zoo import paths
+
+        clip_weights = str(paths.clip_file(paths.default_zoo_dir()))
+    try:
+        built = [
+            build_objective(
+                name,
+                reference=reference,
+                reference_cache=reference_cache,
+                clip_model=clip_model,
+                clip_weights=clip_weights,
+                aesthetic_head=aesthetic_head,
+            )
+            for name in objective
+        ]
+        rows = score_folder(images=images, objectives=built, prompts=prompts)
+    except (ValueError, FileNotFoundError, ReferenceSetError, AestheticHeadError) as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'objective':<12} {'direction':<9} {'value':>12} {'images':>7}")
+    for row in rows:
+        typer.echo(f"{row['objective']:<12} {row['direction']:<9} {row['value']:>12.4f} {row['images']:>7}")
+
+
 zoo_app = typer.Typer(help="The embedded zoo of small SD1-topology models trained on coloured digits.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 

@@ -201,73 +201,15 @@ def register_zoo_clip(folder: str | os.PathLike[str] | None = None) -> str:
 # using a model
 
 
-def image_normalization(model) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, std)`` as ``[1, 3, 1, 1]`` tensors: the model's preprocess config (OpenAI's by default)."""
-    import open_clip
-
-    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
-    mean = cfg.get("mean") or getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = cfg.get("std") or getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    return torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def prepare_images(model, images: torch.Tensor) -> torch.Tensor:
-    """``[N, 3, H, W]`` in [0, 1] -> the model's normalised input (resized if not the model's size)."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images [N, 3, H, W], got {list(images.shape)}")
-    mean, std = image_normalization(model)
-    size = model.visual.image_size
-    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-    x = images.to(_model_device(model), torch.float32).clamp(0, 1)
-    if tuple(x.shape[-2:]) != size:
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    return (x - mean.to(x.device)) / std.to(x.device)
-
-
-def encode_images(model, images: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
-    """Unit-norm image embeddings ``[N, D]`` of ``images`` in [0, 1] (no grad)."""
-    with torch.no_grad():
-        parts = [
-            model.encode_image(prepare_images(model, images[i : i + batch_size]), normalize=True)
-            for i in range(0, len(images), batch_size)
-        ]
-    return torch.cat(parts).float()
-
-
-def encode_captions(model, tokenizer, captions: Sequence[str], *, batch_size: int = 512) -> torch.Tensor:
-    """Unit-norm text embeddings ``[N, D]`` (no grad)."""
-    captions = list(captions)
-    device = _model_device(model)
-    with torch.no_grad():
-        parts = [
-            model.encode_text(tokenizer(captions[i : i + batch_size]).to(device), normalize=True)
-            for i in range(0, len(captions), batch_size)
-        ]
-    return torch.cat(parts).float()
-
-
-def clip_score(model, tokenizer, images: torch.Tensor, captions: Sequence[str], *, batch_size: int = 512) -> torch.Tensor:
-    """Per-image CLIPScore ``max(100 * cos(image_i, caption_i), 0)``, a ``[N]`` float tensor.
-
-    ``images``: ``[N, 3, H, W]`` in [0, 1] (normalised with the model's mean/std here; resized to the
-    model's size if needed). ``captions``: ``N`` strings. ``tokenizer``: as ``open_clip.get_tokenizer``.
-    """
-    if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    if not len(captions):
-        return torch.zeros(0)
-    was_training = model.training
-    model.eval()
-    try:
-        image_features = encode_images(model, images, batch_size=batch_size)
-        text_features = encode_captions(model, tokenizer, captions, batch_size=batch_size)
-    finally:
-        model.train(was_training)
-    return (100 * (image_features * text_features).sum(dim=-1)).clamp(min=0).cpu()
+# The generic open_clip helpers live in objectives.clip_score (any open_clip model); re-exported here.
+from objectives.clip_score import (  # noqa: E402
+    _model_device,
+    clip_score,
+    encode_captions,
+    encode_images,
+    image_normalization,
+    prepare_images,
+)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""CLIP score with any open_clip model: per-image ``max(100 cos(image, prompt), 0)``, as an objective.
+
+:class:`CLIPScoreObjective` (maximize) averages torchmetrics' CLIPScore definition over every image
+seen since ``reset``: ``100 * max(cos(E_img(image), E_txt(prompt)), 0)``, with unit-norm embeddings.
+Build it from an open_clip model name with a pretrained tag or a local weights file
+(:meth:`CLIPScoreObjective.from_pretrained`: ``"ViT-L-14"`` with ``"openai"`` is what SD users expect;
+nothing is downloaded when a path is given), or from a loaded model and tokenizer. The zoo's tiny
+model (``"evomerge-digits-clip"``) is registered with open_clip on request, so it loads the same way.
+
+Images are float ``[N, 3, H, W]`` in [0, 1]; they are resized to the model's input size (bicubic,
+antialiased) and normalised with the model's mean/std here, without a PIL round trip.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from objectives.base import check_images
+
+
+def image_normalization(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` as ``[1, 3, 1, 1]`` tensors: the model's preprocess config (OpenAI's by default)."""
+    import open_clip
+
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    mean = cfg.get("mean") or getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = cfg.get("std") or getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def prepare_images(model, images: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, H, W]`` in [0, 1] -> the model's normalised input (resized if not the model's size)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [N, 3, H, W], got {list(images.shape)}")
+    mean, std = image_normalization(model)
+    size = model.visual.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    x = images.to(_model_device(model), torch.float32).clamp(0, 1)
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    return (x - mean.to(x.device)) / std.to(x.device)
+
+
+def encode_images(model, images: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
+    """Unit-norm image embeddings ``[N, D]`` of ``images`` in [0, 1] (no grad)."""
+    with torch.no_grad():
+        parts = [
+            model.encode_image(prepare_images(model, images[i : i + batch_size]), normalize=True)
+            for i in range(0, len(images), batch_size)
+        ]
+    return torch.cat(parts).float()
+
+
+def encode_captions(model, tokenizer, captions: Sequence[str], *, batch_size: int = 512) -> torch.Tensor:
+    """Unit-norm text embeddings ``[N, D]`` (no grad)."""
+    captions = list(captions)
+    device = _model_device(model)
+    with torch.no_grad():
+        parts = [
+            model.encode_text(tokenizer(captions[i : i + batch_size]).to(device), normalize=True)
+            for i in range(0, len(captions), batch_size)
+        ]
+    return torch.cat(parts).float()
+
+
+def clip_score(model, tokenizer, images: torch.Tensor, captions: Sequence[str], *, batch_size: int = 512) -> torch.Tensor:
+    """Per-image CLIPScore ``max(100 * cos(image_i, caption_i), 0)``, a ``[N]`` float tensor.
+
+    ``images``: ``[N, 3, H, W]`` in [0, 1] (normalised with the model's mean/std here; resized to the
+    model's size if needed). ``captions``: ``N`` strings. ``tokenizer``: as ``open_clip.get_tokenizer``.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    if not len(captions):
+        return torch.zeros(0)
+    was_training = model.training
+    model.eval()
+    try:
+        image_features = encode_images(model, images, batch_size=batch_size)
+        text_features = encode_captions(model, tokenizer, captions, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    return (100 * (image_features * text_features).sum(dim=-1)).clamp(min=0).cpu()
+
+
+def load_open_clip(model_name: str, *, pretrained: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` in eval mode: open_clip's own loader, plus the zoo's model on request."""
+    import open_clip
+
+    from optimizer.zoo.clip_model import MODEL_NAME, register_zoo_clip
+
+    if model_name == MODEL_NAME:
+        register_zoo_clip()
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r} (open_clip.list_models() lists the known ones)")
+    if pretrained is not None and os.path.sep in str(pretrained) and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"no CLIP weights file at {pretrained}")
+    model = open_clip.create_model(model_name, pretrained=str(pretrained) if pretrained is not None else None, device=device)
+    return model.eval().requires_grad_(False), open_clip.get_tokenizer(model_name)
+
+
+class CLIPScoreObjective:
+    """Mean CLIP score of the (image, prompt) pairs seen since :meth:`reset` (maximize)."""
+
+    direction = "maximize"
+
+    def __init__(self, *, model, tokenizer, batch_size: int = 64, name: str = "clip") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.name = name
+        self._sum = 0.0
+        self._count = 0
+
+    @classmethod
+    def from_pretrained(
+        cls, model_name: str, *, pretrained: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu", **kwargs
+    ) -> CLIPScoreObjective:
+        model, tokenizer = load_open_clip(model_name, pretrained=pretrained, device=device)
+        return cls(model=model, tokenizer=tokenizer, **kwargs)
+
+    def reset(self) -> None:
+        self._sum = 0.0
+        self._count = 0
+
+    def update(self, images: torch.Tensor, *, prompts: Sequence[str]) -> None:
+        check_images(images)
+        scores = clip_score(self.model, self.tokenizer, images, list(prompts), batch_size=self.batch_size)
+        self._sum += float(scores.double().sum())
+        self._count += len(scores)
+
+    def compute(self) -> float:
+        if not self._count:
+            raise ValueError(f"{self.name}: no images scored since reset()")
+        return self._sum / self._count

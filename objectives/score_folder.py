@@ -1,0 +1,101 @@
+"""Scoring a folder of images with any objectives: the job behind ``evomerge score``.
+
+Images: the image files of a folder (sorted by name), loaded as RGB in [0, 1] and resized to the
+first image's size. Prompts (needed by CLIP score): a text file with one prompt per line in the same
+order, or a JSON object ``{file name: prompt}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from objectives.base import Objective
+from objectives.fid import image_files, load_images
+
+OBJECTIVES = ("clip", "fid", "kid", "aesthetic")
+
+
+def read_prompts(path: str | os.PathLike[str], files: Sequence[Path]) -> list[str]:
+    """Prompts for ``files``: a JSON object keyed by file name, or one line per file in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no prompts file at {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        if not isinstance(mapping, dict):
+            raise ValueError(f"{path}: expected a JSON object {{file name: prompt}}")
+        missing = [f.name for f in files if f.name not in mapping]
+        if missing:
+            raise ValueError(f"{path}: no prompt for {len(missing)} image(s), e.g. {missing[:3]}")
+        return [str(mapping[f.name]) for f in files]
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) != len(files):
+        raise ValueError(f"{path}: {len(lines)} prompt line(s) for {len(files)} image(s); give one line per image, in file-name order")
+    return lines
+
+
+def build_objective(
+    name: str,
+    *,
+    reference: str | os.PathLike[str] | None = None,
+    reference_cache: str | os.PathLike[str] | None = None,
+    clip_model: str = "evomerge-digits-clip",
+    clip_weights: str | os.PathLike[str] | None = None,
+    aesthetic_head: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+) -> Objective:
+    """One objective by name, with the heavy parts (networks, reference features) built here, once."""
+    if name == "clip":
+        from objectives.clip_score import CLIPScoreObjective
+
+        return CLIPScoreObjective.from_pretrained(clip_model, pretrained=clip_weights, device=device)
+    if name in ("fid", "kid"):
+        from objectives.fid import FIDObjective, KIDObjective, reference_features
+        from objectives.inception import InceptionFeatures
+
+        if reference is None:
+            raise ValueError(f"objective {name} needs --reference DIR (a folder of reference images)")
+        feature = InceptionFeatures()
+        feats = reference_features(feature=feature, folder=reference, cache=reference_cache)
+        return FIDObjective(reference=feats, feature=feature) if name == "fid" else KIDObjective(reference=feats, feature=feature)
+    if name == "aesthetic":
+        from objectives.aesthetic import AestheticObjective, load_aesthetic_head
+        from objectives.clip_score import load_open_clip
+
+        if aesthetic_head is None:
+            raise ValueError("objective aesthetic needs --aesthetic-head FILE (a LAION linear head or an improved-predictor MLP)")
+        model, _ = load_open_clip(clip_model, pretrained=clip_weights, device=device)
+        head = load_aesthetic_head(aesthetic_head)
+        return AestheticObjective(clip_model=model, head=head)
+    raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
+
+
+def score_folder(*, images: str | os.PathLike[str], objectives: Sequence[Objective], prompts: str | os.PathLike[str] | None = None, batch_size: int = 64) -> list[dict]:
+    """Score every image of a folder with each objective; one row per objective."""
+    files = image_files(images)
+    from PIL import Image
+
+    with Image.open(files[0]) as first:
+        size = first.size
+    if size[0] != size[1]:
+        size_arg = None
+    else:
+        size_arg = size[0]
+    texts = read_prompts(prompts, files) if prompts is not None else [""] * len(files)
+    if any(o.name == "clip" for o in objectives) and prompts is None:
+        raise ValueError("objective clip needs --prompts FILE (one prompt per image)")
+    rows = []
+    for objective in objectives:
+        objective.reset()
+        for start in range(0, len(files), batch_size):
+            batch = load_images(files[start : start + batch_size], size=size_arg)
+            objective.update(batch, prompts=texts[start : start + batch_size])
+        rows.append({"objective": objective.name, "direction": objective.direction, "value": objective.compute(), "images": len(files)})
+    return rows

@@ -1,0 +1,48 @@
+"""CLIP score objective: any open_clip model by name + weights file; tested with the zoo's trained CLIP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from objectives.base import Objective
+from objectives.clip_score import CLIPScoreObjective, clip_score
+from optimizer.zoo import domain, paths
+
+ZOO = paths.default_zoo_dir()
+needs_zoo = pytest.mark.skipif(not paths.clip_file(ZOO).is_file(), reason="studies/zoo is not built (evomerge zoo build)")
+
+
+@needs_zoo
+def test_matching_captions_beat_shuffled_ones_for_nearly_every_image() -> None:
+    objective = CLIPScoreObjective.from_pretrained("evomerge-digits-clip", pretrained=paths.clip_file(ZOO))
+    assert isinstance(objective, Objective) and objective.direction == "maximize"
+    items = domain.samples(images="test", captions="held_out", count=200, seed=3)
+    images = domain.render([s.index for s in items], [s.attributes for s in items])
+    captions = [s.caption for s in items]
+    shuffled = captions[1:] + captions[:1]
+    matching = clip_score(objective.model, objective.tokenizer, images, captions)
+    wrong = clip_score(objective.model, objective.tokenizer, images, shuffled)
+    share = (matching > wrong).float().mean().item()
+    assert share > 0.95, share
+
+    objective.update(images[:120], prompts=captions[:120])
+    objective.update(images[120:], prompts=captions[120:])
+    assert objective.compute() == pytest.approx(matching.double().mean().item(), rel=1e-6)
+    objective.reset()
+    objective.update(images, prompts=shuffled)
+    assert objective.compute() < matching.mean().item() - 10
+
+
+def test_bad_names_files_and_inputs_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown open_clip model 'no-such-clip'"):
+        CLIPScoreObjective.from_pretrained("no-such-clip")
+    with pytest.raises(FileNotFoundError, match="no CLIP weights file"):
+        CLIPScoreObjective.from_pretrained("evomerge-digits-clip", pretrained=tmp_path / "missing.safetensors")
+    objective = CLIPScoreObjective.from_pretrained("evomerge-digits-clip")  # random init: only the contract
+    with pytest.raises(ValueError, match="no images scored"):
+        objective.compute()
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        objective.update(torch.rand(2, 3, 32, 32), prompts=["a red digit 1 on a black background"])
