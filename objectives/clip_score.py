@@ -141,3 +141,20 @@ class CLIPScoreObjective:
         if not self._count:
             raise ValueError(f"{self.name}: no images scored since reset()")
         return self._sum / self._count
+
+
+class CLIPImageFeatures(torch.nn.Module):
+    """An open_clip image tower as a feature extractor for FID / KID (``[N, 3, H, W]`` in [0, 1] ->
+    unit-norm ``[N, D]``): e.g. the zoo CLIP's, whose features know digits and colours where
+    InceptionV3's ImageNet features barely see a 32x32 glyph."""
+
+    def __init__(self, model, *, name: str = "open_clip", batch_size: int = 256) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.name = f"clip-image:{name}"
+        self.batch_size = batch_size
+        with torch.no_grad():
+            self.num_features = int(encode_images(self.model, torch.rand(1, 3, 32, 32)).shape[1])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return encode_images(self.model, check_images(images), batch_size=self.batch_size)

@@ -46,3 +46,25 @@ def test_bad_names_files_and_inputs_are_clear(tmp_path: Path) -> None:
         objective.compute()
     with pytest.raises(ValueError, match="2 images but 1 captions"):
         objective.update(torch.rand(2, 3, 32, 32), prompts=["a red digit 1 on a black background"])
+
+
+@needs_zoo
+def test_zoo_clip_image_tower_as_fid_features_separates_renders_from_noise() -> None:
+    from objectives.clip_score import CLIPImageFeatures, load_open_clip
+    from objectives.fid import FIDObjective, reference_features
+
+    model, _ = load_open_clip("evomerge-digits-clip", pretrained=paths.clip_file(ZOO))
+    feature = CLIPImageFeatures(model, name="evomerge-digits-clip")
+    assert feature.num_features == 64 and feature.name == "clip-image:evomerge-digits-clip"
+
+    def renders(seed: int) -> torch.Tensor:
+        items = domain.samples(images="test", captions="held_out", count=300, seed=seed)
+        return domain.render([s.index for s in items], [s.attributes for s in items])
+
+    fid = FIDObjective(reference=reference_features(feature=feature, images=renders(1)), feature=feature, name="fid_clip")
+    fid.update(renders(2), prompts=[])
+    real = fid.compute()
+    fid.reset()
+    fid.update(torch.rand(300, 3, 32, 32, generator=torch.Generator().manual_seed(0)), prompts=[])
+    noise = fid.compute()
+    assert real < 0.1 * noise, (real, noise)
