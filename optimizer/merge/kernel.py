@@ -106,37 +106,21 @@ class Merger:
         names = method.param_names(bank.n_parents)
         seed = recipe.seed if generator_seed is None else int(generator_seed)
         started = time.perf_counter()
-        calls = merged = copied = 0
         if self._fused is not None and method.coefficients is not None:
             return self._merge_fused(recipe, names, started)
+        calls = merged = 0
         with torch.inference_mode():
             for block in bank.layout.blocks:
                 seg = bank.segments[block]
-                params = {p: float(recipe.params[p][block]) for p in names}
-                calls += self._merge_segment(method, seg, params, seed)
+                calls += self._merge_segment(method, seg, _block_params(recipe, names, block), seed)
                 merged += seg.numel
-            for name, seg in bank.segments.items():
-                if not seg.component:
-                    continue
-                if recipe.merge_vae:
-                    params = {p: float(recipe.params[p][VAE_PARAMS_BLOCK]) for p in names}
-                    calls += self._merge_segment(method, seg, params, seed)
-                    merged += seg.numel
-                    self._component_is_parent0[name] = False
-                elif not self._component_is_parent0[name]:
-                    seg.view(self.output).copy_(seg.view(bank.buffers[0]))
-                    copied += seg.numel
-                    self._component_is_parent0[name] = True
-        if self.output.device.type == "cuda":
-            torch.cuda.synchronize(self.output.device)
-        return MergeStats(
-            method=method.name,
-            seconds=time.perf_counter() - started,
-            calls=calls,
-            merged_elements=merged,
-            copied_elements=copied,
-            merged_vae=recipe.merge_vae,
-        )
+            if recipe.merge_vae:
+                for seg in bank.segments.values():
+                    if seg.component:
+                        calls += self._merge_segment(method, seg, _block_params(recipe, names, VAE_PARAMS_BLOCK), seed)
+                        merged += seg.numel
+            copied = self._settle_components(merged_vae=recipe.merge_vae)
+        return self._stats(recipe, started, calls=calls, merged=merged, copied=copied, backend="torch")
 
     def _merge_fused(self, recipe: MergeRecipe, names: tuple[str, ...], started: float) -> MergeStats:
         """All blocks (and, with ``merge_vae``, components) in one launch; components otherwise
@@ -145,35 +129,47 @@ class Merger:
         assert fused is not None and recipe.merge_method.coefficients is not None
         coefficients = recipe.merge_method.coefficients
         rows = []
-        merged = copied = 0
+        merged = 0
         for name in fused.segment_names:
             seg = bank.segments[name]
             if seg.component and not recipe.merge_vae:
                 break
             block = VAE_PARAMS_BLOCK if seg.component else name
-            rows.append(coefficients(bank.n_parents, {p: float(recipe.params[p][block]) for p in names}))
+            rows.append(coefficients(bank.n_parents, _block_params(recipe, names, block)))
             merged += seg.numel
         with torch.inference_mode():
             fused(rows)
-            for name, seg in bank.segments.items():
-                if not seg.component:
-                    continue
-                if recipe.merge_vae:
-                    self._component_is_parent0[name] = False
-                elif not self._component_is_parent0[name]:
-                    seg.view(self.output).copy_(seg.view(bank.buffers[0]))
-                    copied += seg.numel
-                    self._component_is_parent0[name] = True
+            copied = self._settle_components(merged_vae=recipe.merge_vae)
+        return self._stats(recipe, started, calls=1, merged=merged, copied=copied, backend="triton")
+
+    def _settle_components(self, *, merged_vae: bool) -> int:
+        """After a merge: components (VAE) that were not merged this time must hold parent 0's
+        weights; copy them back only if an earlier merge overwrote them. Returns elements copied."""
+        bank = self.bank
+        copied = 0
+        for name, seg in bank.segments.items():
+            if not seg.component:
+                continue
+            if merged_vae:
+                self._component_is_parent0[name] = False
+            elif not self._component_is_parent0[name]:
+                seg.view(self.output).copy_(seg.view(bank.buffers[0]))
+                copied += seg.numel
+                self._component_is_parent0[name] = True
+        return copied
+
+    def _stats(self, recipe: MergeRecipe, started: float, *, calls: int, merged: int, copied: int, backend: str) -> MergeStats:
+        """Wait for the device (so ``seconds`` is the merge's real duration) and report."""
         if self.output.device.type == "cuda":
             torch.cuda.synchronize(self.output.device)
         return MergeStats(
             method=recipe.merge_method.name,
             seconds=time.perf_counter() - started,
-            calls=1,
+            calls=calls,
             merged_elements=merged,
             copied_elements=copied,
             merged_vae=recipe.merge_vae,
-            backend="triton",
+            backend=backend,
         )
 
     def _merge_segment(self, method: MergeMethod, seg: Segment, params: dict[str, float], seed: int) -> int:
@@ -189,3 +185,8 @@ class Merger:
                 generator = torch.Generator(device=self.output.device).manual_seed(tensor_seed(seed, span.key))
             method.fn([span.view(b) for b in buffers], out=span.view(self.output), generator=generator, **params)
         return len(seg.spans)
+
+
+def _block_params(recipe: MergeRecipe, names: tuple[str, ...], block: str) -> dict[str, float]:
+    """The method parameters ``names`` of ``recipe`` for one block (or ``VAE_PARAMS_BLOCK``)."""
+    return {p: float(recipe.params[p][block]) for p in names}
