@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from objectives.base import MeanScore, check_images
+
 
 class AestheticHeadError(ValueError):
     """An aesthetic head file that is missing, unreadable or of an unknown layout."""
@@ -97,38 +99,23 @@ def aesthetic_scores(head: nn.Module, embeddings: Tensor) -> Tensor:
     return head(e)
 
 
-class AestheticObjective:
+class AestheticObjective(MeanScore):
     """Mean aesthetic score of the images seen since :meth:`reset` (maximize): a CLIP image tower
     (any open_clip model, e.g. ViT-L-14 for the LAION/improved heads) followed by a head."""
 
     direction = "maximize"
 
     def __init__(self, *, clip_model, head: nn.Module, batch_size: int = 64, name: str = "aesthetic") -> None:
-        from objectives.clip_score import encode_images
-
-        self._encode = encode_images
+        super().__init__()
         self.model = clip_model.eval()
         self.head = head
         self.batch_size = batch_size
         self.name = name
-        self._sum = 0.0
-        self._count = 0
-
-    def reset(self) -> None:
-        self._sum = 0.0
-        self._count = 0
 
     def update(self, images: Tensor, *, prompts=()) -> None:
-        from objectives.base import check_images
+        from objectives.clip_score import encode_images
 
-        embeddings = self._encode(self.model, check_images(images), batch_size=self.batch_size)
+        embeddings = encode_images(self.model, check_images(images), batch_size=self.batch_size)
         if embeddings.shape[1] != self.head.dim:
             raise ValueError(f"{self.name}: the head takes {self.head.dim}-d CLIP embeddings, the CLIP model gives {embeddings.shape[1]}-d")
-        scores = aesthetic_scores(self.head, embeddings.cpu())
-        self._sum += float(scores.double().sum())
-        self._count += len(scores)
-
-    def compute(self) -> float:
-        if not self._count:
-            raise ValueError(f"{self.name}: no images scored since reset()")
-        return self._sum / self._count
+        self.add(aesthetic_scores(self.head, embeddings.cpu()))

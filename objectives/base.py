@@ -37,3 +37,27 @@ def check_images(images: Tensor) -> Tensor:
     if not images.is_floating_point():
         raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
     return images
+
+
+class MeanScore:
+    """Running mean of per-image scores: the state of objectives that average one score per image
+    (CLIP score, aesthetic score). Subclasses set ``name``/``direction`` and call :meth:`add`."""
+
+    name: str
+
+    def __init__(self) -> None:
+        self._sum = 0.0
+        self._count = 0
+
+    def reset(self) -> None:
+        self._sum = 0.0
+        self._count = 0
+
+    def add(self, scores: Tensor) -> None:
+        self._sum += float(scores.double().sum())
+        self._count += len(scores)
+
+    def compute(self) -> float:
+        if not self._count:
+            raise ValueError(f"{self.name}: no images scored since reset()")
+        return self._sum / self._count

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from objectives.base import check_images
+from objectives.base import MeanScore, check_images
 
 
 def image_normalization(model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,18 +107,17 @@ def load_open_clip(model_name: str, *, pretrained: str | os.PathLike[str] | None
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(model_name)
 
 
-class CLIPScoreObjective:
+class CLIPScoreObjective(MeanScore):
     """Mean CLIP score of the (image, prompt) pairs seen since :meth:`reset` (maximize)."""
 
     direction = "maximize"
 
     def __init__(self, *, model, tokenizer, batch_size: int = 64, name: str = "clip") -> None:
+        super().__init__()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.name = name
-        self._sum = 0.0
-        self._count = 0
 
     @classmethod
     def from_pretrained(
@@ -127,20 +126,9 @@ class CLIPScoreObjective:
         model, tokenizer = load_open_clip(model_name, pretrained=pretrained, device=device)
         return cls(model=model, tokenizer=tokenizer, **kwargs)
 
-    def reset(self) -> None:
-        self._sum = 0.0
-        self._count = 0
-
     def update(self, images: torch.Tensor, *, prompts: Sequence[str]) -> None:
         check_images(images)
-        scores = clip_score(self.model, self.tokenizer, images, list(prompts), batch_size=self.batch_size)
-        self._sum += float(scores.double().sum())
-        self._count += len(scores)
-
-    def compute(self) -> float:
-        if not self._count:
-            raise ValueError(f"{self.name}: no images scored since reset()")
-        return self._sum / self._count
+        self.add(clip_score(self.model, self.tokenizer, images, list(prompts), batch_size=self.batch_size))
 
 
 class CLIPImageFeatures(torch.nn.Module):

@@ -22,6 +22,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,10 +128,24 @@ def _default_feature(feature: nn.Module | None) -> nn.Module:
     return InceptionFeatures()
 
 
-class FIDObjective:
-    """FID of the images seen since :meth:`reset` against fixed reference features (minimize)."""
+class _GeneratedImages:
+    """Shared by FID and KID: a torchmetrics metric fed only generated images (the reference
+    features are fixed at construction), and how many it has seen since :meth:`reset`."""
 
     direction = "minimize"
+    metric: Any
+
+    def reset(self) -> None:
+        self.metric.reset()
+        self.count = 0
+
+    def update(self, images: Tensor, *, prompts: Sequence[str] = ()) -> None:
+        self.metric.update(check_images(images).clamp(0, 1), real=False)
+        self.count += len(images)
+
+
+class FIDObjective(_GeneratedImages):
+    """FID of the images seen since :meth:`reset` against fixed reference features (minimize)."""
 
     def __init__(self, *, reference: Tensor, feature: nn.Module | None = None, name: str = "fid") -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -148,24 +163,14 @@ class FIDObjective:
         self.metric.real_features_num_samples = torch.tensor(len(ref))
         self.count = 0
 
-    def reset(self) -> None:
-        self.metric.reset()
-        self.count = 0
-
-    def update(self, images: Tensor, *, prompts: Sequence[str] = ()) -> None:
-        self.metric.update(check_images(images).clamp(0, 1), real=False)
-        self.count += len(images)
-
     def compute(self) -> float:
         if self.count < 2:
             raise ValueError(f"{self.name}: FID needs at least 2 images, got {self.count}")
         return float(self.metric.compute())
 
 
-class KIDObjective:
+class KIDObjective(_GeneratedImages):
     """KID (mean over random subsets) of the images seen since :meth:`reset` (minimize)."""
-
-    direction = "minimize"
 
     def __init__(
         self, *, reference: Tensor, feature: nn.Module | None = None, subset_size: int = 100, subsets: int = 100, seed: int = 0, name: str = "kid"
@@ -182,14 +187,6 @@ class KIDObjective:
         )
         self.metric.real_features = [reference.float()]
         self.count = 0
-
-    def reset(self) -> None:
-        self.metric.reset()
-        self.count = 0
-
-    def update(self, images: Tensor, *, prompts: Sequence[str] = ()) -> None:
-        self.metric.update(check_images(images).clamp(0, 1), real=False)
-        self.count += len(images)
 
     def compute(self) -> float:
         real = sum(len(f) for f in self.metric.real_features)

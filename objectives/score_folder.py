@@ -41,8 +41,8 @@ def read_prompts(path: str | os.PathLike[str], files: Sequence[Path]) -> list[st
     return lines
 
 
-def build_objective(
-    name: str,
+def build_objectives(
+    names: Sequence[str],
     *,
     reference: str | os.PathLike[str] | None = None,
     reference_cache: str | os.PathLike[str] | None = None,
@@ -50,52 +50,65 @@ def build_objective(
     clip_weights: str | os.PathLike[str] | None = None,
     aesthetic_head: str | os.PathLike[str] | None = None,
     device: str = "cpu",
-) -> Objective:
-    """One objective by name, with the heavy parts (networks, reference features) built here, once."""
-    if name == "clip":
-        from objectives.clip_score import CLIPScoreObjective
-
-        return CLIPScoreObjective.from_pretrained(clip_model, pretrained=clip_weights, device=device)
-    if name in ("fid", "kid"):
-        from objectives.fid import FIDObjective, KIDObjective, reference_features
-        from objectives.inception import InceptionFeatures
-
-        if reference is None:
-            raise ValueError(f"objective {name} needs --reference DIR (a folder of reference images)")
-        feature = InceptionFeatures()
-        feats = reference_features(feature=feature, folder=reference, cache=reference_cache)
-        return FIDObjective(reference=feats, feature=feature) if name == "fid" else KIDObjective(reference=feats, feature=feature)
-    if name == "aesthetic":
-        from objectives.aesthetic import AestheticObjective, load_aesthetic_head
+) -> list[Objective]:
+    """The objectives by name, with the heavy parts built here, once each: the CLIP model, and
+    the Inception network and reference features that FID and KID share."""
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES)}")
+    if any(n in ("fid", "kid") for n in names) and reference is None:
+        name = next(n for n in names if n in ("fid", "kid"))
+        raise ValueError(f"objective {name} needs --reference DIR (a folder of reference images)")
+    if "aesthetic" in names and aesthetic_head is None:
+        raise ValueError("objective aesthetic needs --aesthetic-head FILE (a LAION linear head or an improved-predictor MLP)")
+    clip = None
+    if "clip" in names or "aesthetic" in names:
         from objectives.clip_score import load_open_clip
 
-        if aesthetic_head is None:
-            raise ValueError("objective aesthetic needs --aesthetic-head FILE (a LAION linear head or an improved-predictor MLP)")
-        model, _ = load_open_clip(clip_model, pretrained=clip_weights, device=device)
-        head = load_aesthetic_head(aesthetic_head)
-        return AestheticObjective(clip_model=model, head=head)
-    raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
+        clip = load_open_clip(clip_model, pretrained=clip_weights, device=device)
+    inception = feats = None
+    if "fid" in names or "kid" in names:
+        from objectives.fid import reference_features
+        from objectives.inception import InceptionFeatures
+
+        inception = InceptionFeatures()
+        feats = reference_features(feature=inception, folder=reference, cache=reference_cache)
+    built: list[Objective] = []
+    for name in names:
+        if name == "clip":
+            from objectives.clip_score import CLIPScoreObjective
+
+            built.append(CLIPScoreObjective(model=clip[0], tokenizer=clip[1]))
+        elif name == "fid":
+            from objectives.fid import FIDObjective
+
+            built.append(FIDObjective(reference=feats, feature=inception))
+        elif name == "kid":
+            from objectives.fid import KIDObjective
+
+            built.append(KIDObjective(reference=feats, feature=inception))
+        else:
+            from objectives.aesthetic import AestheticObjective, load_aesthetic_head
+
+            built.append(AestheticObjective(clip_model=clip[0], head=load_aesthetic_head(aesthetic_head)))
+    return built
 
 
 def score_folder(*, images: str | os.PathLike[str], objectives: Sequence[Objective], prompts: str | os.PathLike[str] | None = None, batch_size: int = 64) -> list[dict]:
     """Score every image of a folder with each objective; one row per objective."""
     files = image_files(images)
+    if any(o.name == "clip" for o in objectives) and prompts is None:
+        raise ValueError("objective clip needs --prompts FILE (one prompt per image)")
+    texts = read_prompts(prompts, files) if prompts is not None else [""] * len(files)
     from PIL import Image
 
     with Image.open(files[0]) as first:
-        size = first.size
-    if size[0] != size[1]:
-        size_arg = None
-    else:
-        size_arg = size[0]
-    texts = read_prompts(prompts, files) if prompts is not None else [""] * len(files)
-    if any(o.name == "clip" for o in objectives) and prompts is None:
-        raise ValueError("objective clip needs --prompts FILE (one prompt per image)")
-    rows = []
+        width, height = first.size
+    size = width if width == height else None  # square: every image is resized to the first one's size
     for objective in objectives:
         objective.reset()
-        for start in range(0, len(files), batch_size):
-            batch = load_images(files[start : start + batch_size], size=size_arg)
+    for start in range(0, len(files), batch_size):  # each batch is read once and fed to every objective
+        batch = load_images(files[start : start + batch_size], size=size)
+        for objective in objectives:
             objective.update(batch, prompts=texts[start : start + batch_size])
-        rows.append({"objective": objective.name, "direction": objective.direction, "value": objective.compute(), "images": len(files)})
-    return rows
+    return [{"objective": o.name, "direction": o.direction, "value": o.compute(), "images": len(files)} for o in objectives]

@@ -122,24 +122,21 @@ def score(
     """Score a folder of images with CLIP score, FID, KID or an aesthetic head."""
     from objectives.fid import ReferenceSetError
     from objectives.aesthetic import AestheticHeadError
-    from objectives.score_folder import build_objective, score_folder
+    from objectives.score_folder import build_objectives, score_folder
 
     if clip_model == "evomerge-digits-clip" and clip_weights is None:
         from optimizer.zoo import paths
 
         clip_weights = str(paths.clip_file(paths.default_zoo_dir()))
     try:
-        built = [
-            build_objective(
-                name,
-                reference=reference,
-                reference_cache=reference_cache,
-                clip_model=clip_model,
-                clip_weights=clip_weights,
-                aesthetic_head=aesthetic_head,
-            )
-            for name in objective
-        ]
+        built = build_objectives(
+            objective,
+            reference=reference,
+            reference_cache=reference_cache,
+            clip_model=clip_model,
+            clip_weights=clip_weights,
+            aesthetic_head=aesthetic_head,
+        )
         rows = score_folder(images=images, objectives=built, prompts=prompts)
     except (ValueError, FileNotFoundError, ReferenceSetError, AestheticHeadError) as exc:
         raise _fail(str(exc)) from None
