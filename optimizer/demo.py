@@ -1,117 +1,101 @@
-"""``make demo``: a merge job end to end on the embedded zoo (CPU, about 2 minutes).
+"""``make demo``: the main job, a real study on the embedded zoo (CPU, about 5 minutes on 2 cores).
 
-Until the study runner exists (it will replace this with a real Optuna study), the demo shows what a
-study trial does, on the committed zoo (``studies/zoo``): two specialists of the same base are loaded
-once into the merge kernel, candidate recipes are rebuilt in place (timed), a few recipes are
-rendered on held-out captions and scored with the zoo's CLIP and its oracle, and the best one is
-saved as an A1111 single file with its merge metadata, loaded back by diffusers' ``from_single_file``
-(offline) and rendered as an image grid.
+Runs ``studies/zoo-shape-colour.yaml``: Optuna (TPE, warm-started with the 50/50 Checkpoint Merger,
+both parents and a hand-made MBW recipe) searches the 26 per-block weights that merge the zoo's
+shape specialist with its colour specialist; each trial merges in place (no disk), renders the
+search prompts and scores them with the zoo CLIP. Then, on the **held-out** prompts that the search
+never saw, the best recipe is compared with the parents and the plain 50/50 merge (zoo CLIP score,
+and the oracle's accuracy on digit and colours, which the search never optimized), exported as a
+recipe and as an A1111 single file, and the report and dashboard commands are printed.
+
+``EVOMERGE_DEMO_TRIALS`` overrides the trial budget (tests use a handful).
 """
 
 from __future__ import annotations
 
-import json
-import random
+import os
+import shutil
 import time
 from pathlib import Path
 
-import torch
 
-from optimizer.architectures import format_mbw
-from optimizer.checkpoint.keymap import ldm_to_diffusers
-from optimizer.checkpoint.load import load_checkpoint
-from optimizer.merge import Merger, MergeRecipe
-from optimizer.merge_files import load_parents, merge_to_file
-from optimizer.zoo import paths
-from optimizer.zoo.build import EVALUATION, ZooError, _meter, load_zoo_pipeline
-from optimizer.zoo.models import generate
-from optimizer.zoo.quality import evaluation_set
+from optimizer.merge import MergeRecipe
+from optimizer.zoo import domain, paths
+from optimizer.zoo.build import ZooError
 
+STUDY = Path(__file__).resolve().parents[1] / "studies" / "zoo-shape-colour.yaml"
 OUT = Path("out/demo")
-PARENTS = ("shape", "colour")
-#: held-out captions rendered per candidate (the zoo's own table uses 200)
-COUNT = 64
-
-
-def _candidates(layout) -> dict[str, MergeRecipe]:
-    """Recipes to compare: each parent, the plain 50/50 Checkpoint Merger, and two block recipes."""
-    uniform = lambda a: MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=a)  # noqa: E731
-    # alpha is the weight of the second parent (colour): shapes from the first, colours from the second
-    return {
-        "shape (alpha 0)": uniform(0.0),
-        "colour (alpha 1)": uniform(1.0),
-        "weighted sum 0.5": uniform(0.5),
-        "MBW in:shape out:colour": MergeRecipe.from_mbw(
-            method="weighted_sum", layout=layout, mbw="0.5,0,0,0,0,0,0,0,0,0,0,0,0,0.5,1,1,1,1,1,1,1,1,1,1,1,1"
-        ),
-        "MBW in:colour out:shape": MergeRecipe.from_mbw(
-            method="weighted_sum", layout=layout, mbw="0.5,1,1,1,1,1,1,1,1,1,1,1,1,0.5,0,0,0,0,0,0,0,0,0,0,0,0"
-        ),
-    }
 
 
 def main() -> None:
+    import optuna
+
+    from optimizer.render.grid import save_grid
+    from optimizer.study.config import load_study_config
+    from optimizer.study.export import export_trial
+    from optimizer.study.report import write_report
+    from optimizer.study.runner import StudyRunner, run_study
+    from optimizer.study.storage import StudyFolder
+    from optimizer.zoo.oracle import load_oracle
+
     zoo = paths.default_zoo_dir()
     if not (zoo / paths.MANIFEST).is_file():
         raise SystemExit(f"no zoo at {zoo}: run `evomerge zoo build` first")
-    torch.manual_seed(0)
-    OUT.mkdir(parents=True, exist_ok=True)
-    files = [paths.model_file(zoo, name) for name in PARENTS]
-    parents = load_parents(paths=files, device="auto")
-    layout = parents.bank.layout
-    merger = Merger(parents.bank)
-    print(f"parents: {', '.join(map(str, files))} ({parents.bank})")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    config = load_study_config(STUDY)
+    trials = int(os.environ.get("EVOMERGE_DEMO_TRIALS", config.budget.trials or 60))
+    config = config.model_copy(update={"budget": config.budget.model_copy(update={"trials": trials})})
+    folder = StudyFolder(OUT / config.name)
+    if folder.root.exists():
+        shutil.rmtree(folder.root)  # the demo starts fresh; `evomerge study run` resumes instead
+    folder.write_config(config)
 
-    rng = random.Random(0)
-    timings = []
-    for _ in range(50):
-        merger.merge(MergeRecipe.from_mbw(method="weighted_sum", layout=layout, mbw=[rng.random() for _ in layout.blocks]))
-    for _ in range(50):
-        stats = merger.merge(MergeRecipe.from_mbw(method="weighted_sum", layout=layout, mbw=[rng.random() for _ in layout.blocks]))
-        timings.append(stats.seconds)
-    timings.sort()
-    print(f"50 candidate merges in place on {parents.bank.device} ({merger.backend}): median {timings[25] * 1e3:.2f} ms, no disk I/O")
+    started = time.perf_counter()
+    runner = StudyRunner(config, folder=folder)
+    print(f"study {config.name}: {len(runner.space.names)} searched values, {len(runner.prompt_set.jobs('search'))} search images per trial, "
+          f"{trials} trials; built parents, pipeline and scorers once in {runner.setup_seconds:.1f} s")
+    study = run_study(config, folder=folder, runner=runner)
+    best = study.best_trial
+    seconds = [t.user_attrs["seconds"] for t in study.trials if t.state.name == "COMPLETE"]
+    merge_ms = sorted(s["merge"] for s in seconds)[len(seconds) // 2] * 1e3
+    print(f"{len(study.trials)} trials in {time.perf_counter() - started:.0f} s (median merge {merge_ms:.1f} ms, in place, no disk I/O); "
+          f"best: trial {best.number}, zoo CLIP score {best.value:.2f}")
 
-    # one pipeline whose UNet and text encoder are refilled from the merge buffer per candidate
-    pipe = load_zoo_pipeline(PARENTS[0], zoo=zoo)
-    evaluation = evaluation_set(count=COUNT, seed=EVALUATION["seed"])
-    meter = _meter(zoo, evaluation)
-    config = paths.config_dir(zoo)
-    rows: dict[str, dict[str, float]] = {}
-    for label, recipe in _candidates(layout).items():
-        started = time.perf_counter()
-        merger.merge(recipe)
-        weights = ldm_to_diffusers(state_dict=merger.state_dict(), architecture="sd1", config_dir=config)
-        pipe.unet.load_state_dict(weights["unet"])
-        pipe.text_encoder.load_state_dict(weights["text_encoder"], strict=False)
-        images = generate(pipe, prompts=evaluation.captions, seeds=evaluation.seeds, steps=EVALUATION["steps"], guidance=EVALUATION["guidance"])
-        rows[label] = meter.score(images, fid=False)
-        rows[label]["seconds"] = time.perf_counter() - started
-    print(f"\n{COUNT} held-out captions per candidate (oracle accuracy, zoo CLIP score):")
-    print(f"  {'candidate':26s} {'digit':>6s} {'fg':>6s} {'bg':>6s} {'all':>6s} {'CLIP':>6s} {'s':>5s}")
-    for label, r in rows.items():
-        print(
-            f"  {label:26s} {r['oracle_digit']:6.3f} {r['oracle_fg']:6.3f} {r['oracle_bg']:6.3f} "
-            f"{r['oracle_all']:6.3f} {r['clip_score']:6.2f} {r['seconds']:5.1f}"
-        )
+    # held-out comparison: prompts the search never rendered
+    layout = runner.space.layout
+    candidates = {
+        "shape (parent A)": MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=0.0),
+        "colour (parent B)": MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=1.0),
+        "weighted sum 0.5": MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=0.5),
+        f"best (trial {best.number})": MergeRecipe.model_validate(best.user_attrs["recipe"]),
+    }
+    oracle = load_oracle(paths.oracle_dir(zoo))
+    jobs = runner.prompt_set.jobs("held_out")
+    attributes = [domain.parse_caption(j.prompt) for j in jobs]
+    print(f"\n{len(jobs)} held-out prompts (never seen by the search):")
+    print(f"  {'recipe':22s} {'CLIP':>6s} {'digit':>6s} {'fg':>6s} {'bg':>6s}")
+    for label, recipe in candidates.items():
+        runner.merger.merge(recipe)
+        images = runner.renderer.render(jobs)
+        clip = runner.objectives[0]
+        clip.reset()
+        clip.update(images, prompts=[j.prompt for j in jobs])
+        acc = oracle.accuracy(images.cpu(), attributes)
+        print(f"  {label:22s} {clip.compute():6.2f} {acc['digit']:6.3f} {acc['fg']:6.3f} {acc['bg']:6.3f}")
+        if label.startswith("best"):
+            grid = save_grid(images[:32], folder.root / "best_held_out.png", nrow=8)
 
-    best = max(rows, key=lambda k: rows[k]["clip_score"])  # the search objective is CLIP; the oracle only reports
-    recipe = _candidates(layout)[best]
-    merged = merge_to_file(parents=parents, recipe=recipe, output=OUT / "merged.safetensors", overwrite=True)
-    meta = load_checkpoint(merged).metadata
-    print(f"\nbest by CLIP score: {best}; saved {merged} (MBW {format_mbw(recipe.params['alpha'], layout=layout)})")
-    print(f"  sd_merge_recipe parents: {[p['short_hash'] for p in json.loads(meta['sd_merge_recipe'])['parents']]}")
-
-    from diffusers import StableDiffusionPipeline
-    from torchvision.utils import save_image
-
-    loaded = StableDiffusionPipeline.from_single_file(str(merged), config=str(config), local_files_only=True)
-    loaded.set_progress_bar_config(disable=True)
-    images = generate(loaded, prompts=evaluation.captions[:32], seeds=evaluation.seeds[:32], steps=EVALUATION["steps"], guidance=EVALUATION["guidance"])
-    save_image(images, str(OUT / "merged_grid.png"), nrow=8, padding=1)
-    (OUT / "captions.txt").write_text("\n".join(evaluation.captions[:32]) + "\n")
-    print(f"rendered {OUT / 'merged_grid.png'} (captions in {OUT / 'captions.txt'}) from the saved file via from_single_file")
-    print("next: `evomerge inspect out/demo/merged.safetensors`, or `evomerge merge A B --mbw ... -o out.safetensors`")
+    exports = folder.exports
+    recipe_file = export_trial(study=study, config=config, trial=best, output_format="recipe", output=exports / "best.yaml",
+                               parents=runner.parents, overwrite=True)
+    merged = export_trial(study=study, config=config, trial=best, output_format="safetensors", output=exports / "best.safetensors",
+                          parents=runner.parents, overwrite=True)
+    report = write_report(study, folder=folder.report, architecture=layout.name)
+    print(f"\nbest recipe: {recipe_file}\n  MBW alpha: {best.user_attrs['mbw']['alpha']}")
+    print(f"merged checkpoint (A1111 single file with sd_merge_recipe metadata): {merged}")
+    print(f"held-out images of the best recipe: {grid}")
+    print(f"report: {report['markdown']} and {', '.join(p.name for k, p in report.items() if k not in ('markdown', 'csv'))}")
+    print(f"dashboard: .venv/bin/evomerge dashboard {folder.root}   then open http://127.0.0.1:8080")
 
 
 if __name__ == "__main__":

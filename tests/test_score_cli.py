@@ -70,3 +70,30 @@ def test_aesthetic_head_width_mismatch_is_reported(renders) -> None:
     # the zoo CLIP gives 64-d embeddings; LAION's ViT-L/14 head takes 768-d ones
     code, out = _score("--images", renders["images"], "--objective", "aesthetic", "--aesthetic-head", HEADS / "sa_0_4_vit_l_14_linear.pth")
     assert code == 2 and "768-d CLIP embeddings, the CLIP model gives 64-d" in out
+
+
+@needs_zoo
+def test_fid_and_kid_with_the_zoo_clip_features(renders, tmp_path: Path) -> None:
+    import torch
+
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i in range(40):
+        save_image(torch.rand(3, 32, 32, generator=generator), str(noise / f"{i:03d}.png"))
+    same = _score("--images", renders["images"], "--objective", "fid", "--objective", "kid", "--reference", renders["images"], "--features", "clip", "--json")
+    assert same[0] == 0, same[1]
+    fid_same, kid_same = (row["value"] for row in json.loads(same[1]))
+    code, out = _score("--images", noise, "--objective", "fid", "--objective", "kid", "--reference", renders["images"], "--features", "clip", "--json")
+    assert code == 0, out
+    fid_noise, kid_noise = (row["value"] for row in json.loads(out))
+    assert abs(fid_same) < 1e-3 and fid_noise > 100 * max(abs(fid_same), 1e-3)
+    # unit-norm 64-d features keep KID small in absolute terms; the ordering is what matters
+    assert kid_noise > 10 * abs(kid_same) and kid_noise > 0.01
+
+
+def test_feature_options_are_checked(renders, tmp_path: Path) -> None:
+    code, out = _score("--images", renders["images"], "--objective", "fid", "--reference", renders["images"], "--features", "dino")
+    assert code == 2 and "unknown FID/KID features 'dino'" in out
+    code, out = _score("--images", renders["images"], "--objective", "fid", "--reference", renders["images"], "--inception-weights", tmp_path / "none.pt")
+    assert code == 2 and "no Inception weights file" in out

@@ -218,3 +218,16 @@ def batches(items: Sequence[Sample], *, batch_size: int) -> Iterator[tuple[torch
     for start in range(0, len(items), batch_size):
         chunk = list(items[start : start + batch_size])
         yield render([s.index for s in chunk], [s.attributes for s in chunk]), [s.caption for s in chunk], chunk
+
+
+def parse_caption(caption: str) -> Attributes:
+    """The attributes of a full caption ``"a {thickness} {slant} {fg} digit {d} on a {bg} background"``
+    (the inverse of :meth:`Attributes.caption`); ``ValueError`` for any other text."""
+    words = caption.split()
+    if len(words) != 10 or words[0] != "a" or words[4] != "digit" or words[6:8] != ["on", "a"] or words[9] != "background":
+        raise ValueError(f"not a full zoo caption: {caption!r}")
+    try:
+        digit = int(words[5])
+    except ValueError:
+        raise ValueError(f"not a full zoo caption: {caption!r}") from None
+    return Attributes(digit=digit, fg=words[3], bg=words[8], thickness=words[1], slant=words[2])

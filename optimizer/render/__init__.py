@@ -1,0 +1,1 @@
+"""Rendering: prompt sets, schedulers, batched deterministic image generation, decoders, grids."""

@@ -1,0 +1,324 @@
+"""The study file: YAML validated with pydantic; every error names the field.
+
+A study file names the parents, the merge method, the search space over per-block parameters, the
+sampler, the objectives, the prompt set, the budget and the storage (see ``studies/*.yaml`` and
+the README). Relative paths are relative to the study file. The parsed :class:`StudyConfig` is
+plain data: nothing heavy is built here (see :mod:`optimizer.study.runner`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from optimizer.config_errors import describe_validation_error
+
+__all__ = [
+    "BudgetConfig",
+    "ObjectiveConfig",
+    "ParamSpace",
+    "PrunerConfig",
+    "RenderConfig",
+    "SamplerConfig",
+    "ScorerConfig",
+    "StudyConfig",
+    "StudyConfigError",
+    "WarmStart",
+    "load_study_config",
+    "parse_study_config",
+]
+
+SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random", "qmc")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
+OBJECTIVE_NAMES = ("clip", "aesthetic", "fid", "kid")
+DEFAULT_DIRECTIONS = {"clip": "maximize", "aesthetic": "maximize", "fid": "minimize", "kid": "minimize"}
+
+
+class StudyConfigError(ValueError):
+    """A study file is missing, not YAML, or invalid (the message names the field)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ParamSpace(_Strict):
+    """How one merge parameter (``alpha``, ``density``, ...) is searched.
+
+    ``share``: ``per_block`` (one value per block: 26 for SD1.x, 20 for SDXL) or ``global`` (one
+    value for every block). ``groups`` ties blocks to one value (``{IN: [IN00, ..., IN11]}``);
+    ``fixed`` pins blocks or groups to a value (not searched). ``value`` pins the whole parameter.
+    """
+
+    low: float = 0.0
+    high: float = 1.0
+    step: float | None = Field(default=None, gt=0)
+    log: bool = False
+    share: Literal["per_block", "global"] = "per_block"
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+    fixed: dict[str, float] = Field(default_factory=dict)
+    value: float | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParamSpace:
+        if self.value is None and not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("step and log cannot be combined (Optuna)")
+        if self.share == "global" and self.groups:
+            raise ValueError("groups only make sense with share: per_block")
+        for name, blocks in self.groups.items():
+            if not blocks:
+                raise ValueError(f"group {name!r} lists no blocks")
+        return self
+
+
+class WarmStart(_Strict):
+    """A known recipe enqueued before the sampler starts: ``uniform: 0.5``, ``parents: true``
+    (each parent as it is), or ``mbw: "0.5,1,...,0"`` (the first searched parameter per block)."""
+
+    uniform: float | None = None
+    parents: bool = False
+    mbw: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if value == "parents":
+            return {"parents": True}
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> WarmStart:
+        given = [self.uniform is not None, self.parents, self.mbw is not None]
+        if sum(given) != 1:
+            raise ValueError("a warm start is exactly one of uniform: VALUE, parents, mbw: STRING")
+        return self
+
+
+class SamplerConfig(_Strict):
+    name: str = "tpe"
+    seed: int | None = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in SAMPLERS:
+            raise ValueError(f"unknown sampler {value!r}; known: {', '.join(SAMPLERS)}")
+        return value
+
+
+class PrunerConfig(_Strict):
+    name: str = "median"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in PRUNERS:
+            raise ValueError(f"unknown pruner {value!r}; known: {', '.join(PRUNERS)}")
+        return value
+
+
+class ObjectiveConfig(_Strict):
+    """One objective: its name, its weight in the weighted score, its direction (defaults per name)."""
+
+    name: str
+    weight: float = 1.0
+    direction: Literal["maximize", "minimize"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in OBJECTIVE_NAMES:
+            raise ValueError(f"unknown objective {value!r}; known: {', '.join(OBJECTIVE_NAMES)}")
+        return value
+
+    @property
+    def resolved_direction(self) -> str:
+        return self.direction or DEFAULT_DIRECTIONS[self.name]
+
+
+class ScorerConfig(_Strict):
+    """What the objectives are built from (once per study)."""
+
+    clip_model: str = "evomerge-digits-clip"
+    clip_weights: str | None = None  # open_clip pretrained tag or a local file; zoo CLIP: the zoo's
+    aesthetic_head: str | None = None
+    reference: str | None = None  # folder of reference images (fid, kid)
+    reference_cache: str | None = None
+    features: Literal["inception", "clip"] = "inception"
+    inception_weights: str | None = None
+
+
+class RenderConfig(_Strict):
+    batch_size: int | Literal["auto"] = "auto"
+    decoder: Literal["vae", "taesd"] = "vae"
+    taesd: str | None = None  # folder with taesd_decoder.safetensors (decoder: taesd)
+    grid_images: int = Field(default=16, ge=0)  # images of each trial's grid artifact (0: none)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("batch_size must be positive or 'auto'")
+        return value
+
+
+class BudgetConfig(_Strict):
+    """Stop after ``trials`` finished trials (complete or pruned, counted over resumes) and/or
+    ``seconds`` of this run."""
+
+    trials: int | None = Field(default=None, ge=1)
+    seconds: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some(self) -> BudgetConfig:
+        if self.trials is None and self.seconds is None:
+            raise ValueError("give trials and/or seconds")
+        return self
+
+
+class HeartbeatConfig(_Strict):
+    """Optuna heartbeat: a trial whose process stops beating for ``grace`` seconds is failed and retried."""
+
+    interval: int = Field(default=10, ge=1)
+    grace: int = Field(default=30, ge=2)
+    max_retry: int = Field(default=2, ge=0)
+
+
+class StudyConfig(_Strict):
+    """A whole study (see the module docstring)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    parents: list[str] = Field(min_length=2)
+    architecture: Literal["auto", "sd1", "sd2", "sdxl"] = "auto"
+    method: str = "weighted_sum"
+    merge_vae: bool = False
+    seed: int = 0  # stochastic merge methods (DARE)
+    dtype: Literal["fp16", "bf16", "fp32"] | None = None
+    device: str = "auto"
+    config_dir: str | None = None  # diffusers config folder for rendering (default: found or shipped)
+    search_space: dict[str, ParamSpace] = Field(min_length=1)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig)
+    warm_start: list[WarmStart] = Field(default_factory=list)
+    objectives: list[ObjectiveConfig] = Field(min_length=1)
+    mode: Literal["weighted", "pareto"] = "weighted"
+    scorers: ScorerConfig = Field(default_factory=ScorerConfig)
+    prompts: str
+    render: RenderConfig = Field(default_factory=RenderConfig)
+    budget: BudgetConfig
+    storage: str | None = None  # Optuna RDB URL; default sqlite:///<study folder>/study.db
+    heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from optimizer.merge import get_method
+        from optimizer.merge.errors import MergeMethodError
+
+        try:
+            get_method(value)
+        except MergeMethodError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudyConfig:
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives: each objective once, got {names}")
+        if self.mode == "pareto":
+            if len(self.objectives) < 2:
+                raise ValueError("mode: pareto needs at least two objectives")
+            if self.pruner.name != "none":
+                raise ValueError("pruner: Optuna cannot prune multi-objective trials; set pruner: {name: none} with mode: pareto")
+            if self.sampler.name in ("cmaes", "gp"):
+                raise ValueError(f"sampler: {self.sampler.name} is single-objective; use nsga2, tpe, random or qmc with mode: pareto")
+        elif self.sampler.name == "nsga2" and len(self.objectives) == 1:
+            pass  # NSGA-II works for one objective too
+        if any(o.name in ("fid", "kid") for o in self.objectives) and self.scorers.reference is None and self.scorers.reference_cache is None:
+            raise ValueError("scorers.reference: fid/kid objectives need a folder of reference images")
+        if any(o.name == "aesthetic" for o in self.objectives) and self.scorers.aesthetic_head is None:
+            raise ValueError("scorers.aesthetic_head: the aesthetic objective needs a head file")
+        if self.render.decoder == "taesd" and self.render.taesd is None:
+            raise ValueError("render.taesd: decoder taesd needs the folder of taesd_decoder.safetensors")
+        return self
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna directions: one ``maximize`` for the weighted score, else each objective's."""
+        if self.mode == "weighted":
+            return ["maximize"]
+        return [o.resolved_direction for o in self.objectives]
+
+
+_PATH_FIELDS = (("config_dir",), ("prompts",), ("scorers", "aesthetic_head"), ("scorers", "reference"),
+                ("scorers", "reference_cache"), ("scorers", "inception_weights"), ("render", "taesd"))
+
+
+def _resolve(value: str, base: Path) -> str:
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative paths of the study file made absolute (relative to the file's folder)."""
+    data = dict(data)
+    if isinstance(data.get("parents"), list):
+        data["parents"] = [_resolve(p, base) if isinstance(p, str) else p for p in data["parents"]]
+    for path in _PATH_FIELDS:
+        node = data
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict) and isinstance(node.get(path[-1]), str):
+            if len(path) > 1:  # copy the nested mapping before writing into it
+                parent = dict(node)
+                parent[path[-1]] = _resolve(node[path[-1]], base)
+                data[path[0]] = parent
+            else:
+                data[path[0]] = _resolve(node[path[0]], base)
+    return data
+
+
+def parse_study_config(data: Any, *, source: str = "study", base: str | os.PathLike[str] | None = None) -> StudyConfig:
+    """Validate parsed YAML as a :class:`StudyConfig` (paths made absolute against ``base``)."""
+    if not isinstance(data, dict):
+        raise StudyConfigError(f"{source}: expected a mapping (name, parents, search_space, objectives, prompts, budget, ...)")
+    if base is not None:
+        data = _resolve_paths(data, Path(base))
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as exc:
+        raise StudyConfigError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
+    """Read and validate a study file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StudyConfigError(f"no study file at {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise StudyConfigError(f"{path}: not a readable YAML file ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StudyConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_study_config(data, source=str(path), base=path.resolve().parent)

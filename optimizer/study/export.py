@@ -1,0 +1,186 @@
+"""Exporting a trial: recipe YAML (replayable), A1111 MBW string, merged safetensors, diffusers folder.
+
+The recipe document (``format: recipe``) is what replays a trial bit for bit::
+
+    evomerge_recipe: 1
+    study: zoo-shape-colour
+    trial: 41
+    values: {clip: 71.2}
+    architecture: sd1
+    parents:                                   # in merge order, with their full sha256
+      - {path: /abs/shape.safetensors, sha256: 9f2c...}
+    recipe: {method: weighted_sum, params: {alpha: {BASE: 0.1, ...}}, seed: 0, merge_vae: false}
+    mbw: {alpha: "0.1,0.93,..."}
+
+:func:`replay_recipe` loads the parents named there (refusing any whose sha256 differs: a
+different file would not give the trial's weights) and merges the recipe with the same kernel, so
+the result equals the weights the trial rendered with.
+
+Which trial: ``best`` (single objective), a trial number, or for a Pareto study ``best`` means the
+Pareto trial with the best weighted score on the **held-out** prompts (rendered here, recorded in
+the study's user attribute ``held_out``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from optimizer.merge import MergeRecipe
+from optimizer.merge_files import LoadedParents, load_parents, merge_to_file
+from optimizer.study.config import StudyConfig, StudyConfigError
+
+__all__ = ["FORMATS", "ExportError", "export_trial", "pick_trial", "recipe_document", "replay_recipe"]
+
+FORMATS = ("recipe", "mbw", "safetensors", "diffusers")
+_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+HELD_OUT_ATTR = "held_out"
+
+
+class ExportError(ValueError):
+    """The trial cannot be exported (no such trial, not complete, parents changed, ...)."""
+
+
+def _atomic_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def pick_trial(study: optuna.Study, which: str = "best", *, runner=None) -> optuna.trial.FrozenTrial:
+    """The trial to export (see the module docstring); ``runner`` renders held-out prompts for Pareto studies."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if which != "best":
+        try:
+            number = int(which)
+        except ValueError:
+            raise ExportError(f"--trial takes 'best' or a trial number, got {which!r}") from None
+        found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+        if not found:
+            raise ExportError(f"study {study.study_name!r} has no trial {number}")
+        if found[0].state != optuna.trial.TrialState.COMPLETE:
+            raise ExportError(f"trial {number} is {found[0].state.name}, not COMPLETE")
+        return found[0]
+    if not complete:
+        raise ExportError(f"study {study.study_name!r} has no complete trial yet")
+    if len(study.directions) == 1:
+        return study.best_trial
+    pareto = study.best_trials
+    if runner is None:
+        raise ExportError("a Pareto study's best trial is chosen on held-out prompts: a runner is needed to render them")
+    held = dict(study.user_attrs.get(HELD_OUT_ATTR, {}))
+    for trial in pareto:
+        if str(trial.number) not in held:
+            recipe = MergeRecipe.model_validate(trial.user_attrs["recipe"])
+            held[str(trial.number)] = runner.evaluate(recipe, split="held_out")
+            study.set_user_attr(HELD_OUT_ATTR, held)
+    return max(pareto, key=lambda t: held[str(t.number)]["score"])
+
+
+def recipe_document(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, parents: LoadedParents) -> dict[str, Any]:
+    """The replayable recipe document of ``trial`` (see the module docstring)."""
+    recipe = MergeRecipe.model_validate(trial.user_attrs["recipe"])
+    layout = parents.bank.layout
+    doc: dict[str, Any] = {
+        "evomerge_recipe": 1,
+        "study": study.study_name,
+        "trial": trial.number,
+        "values": trial.user_attrs.get("values", {}),
+        "architecture": layout.name,
+        "dtype": str(parents.bank.dtype).removeprefix("torch."),
+        "parents": [{"path": str(c.path), "sha256": c.sha256} for c in parents.checkpoints],
+        "recipe": recipe.model_dump(mode="json"),
+        "mbw": {p: recipe.to_mbw(layout=layout, param=p) for p in recipe.params},
+    }
+    held = study.user_attrs.get(HELD_OUT_ATTR, {}).get(str(trial.number))
+    if held is not None:
+        doc["held_out"] = held
+    return doc
+
+
+def load_recipe_document(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"no recipe file at {path}")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ExportError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("evomerge_recipe") != 1 or "recipe" not in doc or "parents" not in doc:
+        raise ExportError(f"{path}: not an evomerge recipe document (evomerge_recipe: 1, parents, recipe)")
+    return doc
+
+
+def replay_recipe(doc: dict[str, Any], *, parent_paths: list[str] | None = None, device: str = "auto", dtype: str | None = None):
+    """``(LoadedParents, MergeRecipe)`` of a recipe document, the parents checked by sha256."""
+    listed = doc["parents"]
+    paths = parent_paths or [p["path"] for p in listed]
+    if len(paths) != len(listed):
+        raise ExportError(f"the recipe has {len(listed)} parents, {len(paths)} paths were given")
+    parents = load_parents(paths=paths, device=device, dtype=dtype or _DTYPES.get(doc.get("dtype", "")))
+    for i, (want, got) in enumerate(zip(listed, parents.checkpoints, strict=True)):
+        if want["sha256"] != got.sha256:
+            raise ExportError(f"parent {i} ({got.path}) has sha256 {got.sha256[:12]}…, the recipe was made with {want['sha256'][:12]}…")
+    try:
+        recipe = MergeRecipe.model_validate(doc["recipe"])
+    except ValueError as exc:
+        raise ExportError(f"the recipe is invalid: {exc}") from None
+    return parents, recipe
+
+
+def export_trial(
+    *,
+    study: optuna.Study,
+    config: StudyConfig,
+    trial: optuna.trial.FrozenTrial,
+    output_format: str,
+    output: str | os.PathLike[str],
+    parents: LoadedParents | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``trial`` as ``output_format`` to ``output`` (atomically) and return the path."""
+    if output_format not in FORMATS:
+        raise ExportError(f"unknown format {output_format!r}; use {', '.join(FORMATS)}")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output} exists; pass --overwrite to replace it")
+    if "recipe" not in trial.user_attrs:
+        raise ExportError(f"trial {trial.number} has no recorded recipe")
+    if parents is None:
+        from optimizer.study.runner import default_dtype
+
+        parents = load_parents(paths=config.parents, device=config.device, dtype=default_dtype(config))
+    doc = recipe_document(study=study, trial=trial, parents=parents)
+    for i, (path, listed) in enumerate(zip(config.parents, doc["parents"], strict=True)):
+        if Path(path).resolve() != Path(listed["path"]).resolve():
+            raise ExportError(f"parent {i}: the study file names {path}, loaded {listed['path']}")
+    if output_format == "recipe":
+        return _atomic_text(output, yaml.safe_dump(doc, sort_keys=False))
+    if output_format == "mbw":
+        lines = [f"# study {study.study_name}, trial {trial.number}, method {doc['recipe']['method']}"]
+        lines += [f"{param}: {value}" for param, value in doc["mbw"].items()]
+        return _atomic_text(output, "\n".join(lines) + "\n")
+    recipe = MergeRecipe.model_validate(doc["recipe"])
+    config_dir = None
+    if output_format == "diffusers":
+        from optimizer.study.pipeline import render_config_dir
+
+        config_dir = render_config_dir(parents, config_dir=config.config_dir)
+    return merge_to_file(parents=parents, recipe=recipe, output=output, output_format=output_format, config_dir=config_dir, overwrite=overwrite)
+
+
+def held_out_table(study: optuna.Study) -> dict[str, Any]:
+    return json.loads(json.dumps(study.user_attrs.get(HELD_OUT_ATTR, {})))

@@ -1,0 +1,134 @@
+"""``evomerge report``: a study's trials as a table and figures, written to ``<study>/report/``.
+
+* ``trials.csv`` / ``trials.md``: one row per trial (pandas): number, state, score or objective
+  values, each objective's value, timings (merge / render / score seconds), the searched
+  parameters, the failure or pruning reason.
+* ``history.png``: Optuna's optimization history (single objective) or Pareto front (several).
+* ``importances.png``: Optuna's parameter importances (fANOVA), once enough trials are complete.
+* ``block_weights.png``: the per-block curve (BASE, IN00..IN11, M00, OUT00..OUT11 for SD1.x) of
+  each merge parameter for the best trials: what a person would type into an MBW slider.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from optimizer.architectures.layout import load_layout
+
+__all__ = ["trials_table", "write_report"]
+
+TOP = 5
+
+
+def trials_table(study: optuna.Study):
+    """The trials as a pandas DataFrame (see the module docstring)."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    multi = len(study.directions) > 1
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {"trial": t.number, "state": t.state.name}
+        if multi:
+            names = study.metric_names or [f"value{i}" for i in range(len(study.directions))]
+            for name, value in zip(names, t.values or [None] * len(names), strict=True):
+                row[name] = value
+        else:
+            row["score"] = t.value
+            for name, value in t.user_attrs.get("values", {}).items():
+                row[name] = value
+        for part, seconds in t.user_attrs.get("seconds", {}).items():
+            row[f"{part}_s"] = seconds
+        row.update(t.params)
+        reason = t.user_attrs.get("failure") or t.system_attrs.get("fail_reason")
+        if t.state == optuna.trial.TrialState.PRUNED:
+            reason = reason or f"pruned at {t.last_step} images"
+        row["note"] = reason or ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _atomic_write(path: Path, write) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _save_figure(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    try:
+        return _atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+    finally:
+        plt.close(figure)
+
+
+def _best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(study.directions) > 1:
+        return list(study.best_trials)[:TOP]
+    reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return sorted(complete, key=lambda t: t.value, reverse=reverse)[:TOP]
+
+
+def _block_curve(study: optuna.Study, architecture: str):
+    import matplotlib.pyplot as plt
+
+    layout = load_layout(architecture)
+    best = [t for t in _best_trials(study) if "recipe" in t.user_attrs]
+    params = sorted({p for t in best for p in t.user_attrs["recipe"]["params"]})
+    figure, axes = plt.subplots(len(params), 1, figsize=(11, 3.2 * len(params)), squeeze=False)
+    x = list(range(len(layout.blocks)))
+    for ax, param in zip(axes[:, 0], params, strict=True):
+        for t in best:
+            values = t.user_attrs["recipe"]["params"][param]
+            label = f"trial {t.number}" + (f" ({t.value:.3f})" if t.values and len(t.values) == 1 else "")
+            ax.plot(x, [values[b] for b in layout.blocks], marker="o", ms=3, label=label)
+        ax.set_xticks(x, layout.blocks, rotation=90, fontsize=7)
+        ax.set_ylabel(param)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    axes[0, 0].set_title(f"{study.study_name}: per-block {', '.join(params)} of the best trials")
+    return figure
+
+
+def write_report(study: optuna.Study, *, folder: str | os.PathLike[str], architecture: str) -> dict[str, Path]:
+    """Write the report files into ``folder`` and return them by name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as ovm
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    table = trials_table(study)
+    written: dict[str, Path] = {}
+    written["csv"] = _atomic_write(out / "trials.csv", lambda tmp: table.to_csv(tmp, index=False))
+    shown = table.drop(columns=[c for c in table.columns if "." in c], errors="ignore")
+    written["markdown"] = _atomic_write(out / "trials.md", lambda tmp: Path(tmp).write_text(shown.to_markdown(index=False, floatfmt=".4g") + "\n"))
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        return written
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna's matplotlib plots are "experimental"
+        if len(study.directions) == 1:
+            ax = ovm.plot_optimization_history(study)
+        else:
+            ax = ovm.plot_pareto_front(study, target_names=study.metric_names)
+        written["history"] = _save_figure(ax.figure, out / "history.png")
+        if len(complete) >= 3 and len(study.directions) == 1:
+            ax = ovm.plot_param_importances(study)
+            written["importances"] = _save_figure(ax.figure, out / "importances.png")
+    written["block_weights"] = _save_figure(_block_curve(study, architecture), out / "block_weights.png")
+    return written

@@ -1,0 +1,321 @@
+"""Running a study: build the heavy things once, then per trial recipe -> merge -> render -> score.
+
+:class:`StudyRunner` loads the parents into the merge kernel, binds one pipeline to the kernel's
+output buffer, loads the prompt set and builds the objectives, once. Calling it with a trial:
+
+1. ``suggest_recipe(trial, space)`` (a pure function of the trial);
+2. ``merger.merge(recipe)``: the pipeline now renders the candidate (no copy, no disk);
+3. the search prompts are rendered batch by batch; each batch updates every objective; for a
+   single-objective study the running score is reported after each batch so the pruner can stop a
+   bad candidate early;
+4. the score (weighted sum, maximized) or the objective tuple (Pareto) is returned; the recipe,
+   each objective's value, timings and the image grid (an Optuna artifact) are recorded.
+
+Held-out prompts are never rendered here; :meth:`StudyRunner.evaluate` renders them on request
+(choosing among Pareto trials, reports).
+
+A trial whose images are NaN, that runs out of memory, or whose scorer fails is marked FAIL with
+the reason (user attribute ``failure``); the study goes on, unless ``max_consecutive_failures`` trials in a
+row fail (then it stops and says why: that is a broken set-up, not a bad recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from objectives.base import Objective
+from objectives.combine import sign
+from optimizer.merge import Merger, MergeRecipe
+from optimizer.merge.errors import MergeError
+from optimizer.merge_files import load_parents
+from optimizer.render.grid import grid_png
+from optimizer.render.prompts import Split, load_prompt_set
+from optimizer.render.renderer import RenderError, Renderer
+from optimizer.study.config import StudyConfig, StudyConfigError
+from optimizer.study.pipeline import bound_pipeline
+from optimizer.study.samplers import make_pruner, make_sampler
+from optimizer.study.space import BoundSpace, bind_space, suggest_recipe, warm_start_params
+from optimizer.study.storage import CONFIG_ATTR, StudyFolder, open_storage
+
+__all__ = ["StudyFailed", "StudyRunner", "create_or_load_study", "run_study"]
+
+#: exceptions that fail one trial (recorded) instead of stopping the study
+TRIAL_ERRORS: tuple[type[BaseException], ...] = (RenderError, MergeError, ValueError, RuntimeError)
+
+
+class StudyFailed(RuntimeError):
+    """Too many trials in a row failed: the set-up is broken."""
+
+
+def default_dtype(config: StudyConfig) -> str | None:
+    """The bank dtype of a study: the study file's, else fp32 on CPU (fp16 kernels are slow there), else the parents'."""
+    if config.dtype is not None:
+        return config.dtype
+    from optimizer.merge_files import resolve_device
+
+    return "fp32" if resolve_device(config.device).type == "cpu" else None
+
+
+def _clip_weights(config: StudyConfig) -> str | None:
+    scorers = config.scorers
+    if scorers.clip_model == "evomerge-digits-clip" and scorers.clip_weights is None:
+        from optimizer.zoo import paths
+
+        return str(paths.clip_file(paths.default_zoo_dir()))
+    return scorers.clip_weights
+
+
+class StudyRunner:
+    """Everything a trial needs, built once (see the module docstring)."""
+
+    def __init__(self, config: StudyConfig, *, folder: StudyFolder) -> None:
+        from objectives.score_folder import build_objectives
+
+        self.config = config
+        self.folder = folder
+        started = time.perf_counter()
+        self.parents = load_parents(paths=config.parents, dtype=default_dtype(config), device=config.device)
+        layout = self.parents.bank.layout
+        if config.architecture not in ("auto", layout.name):
+            raise StudyConfigError(f"architecture: the study says {config.architecture}, the parents are {layout.name}")
+        self.space: BoundSpace = bind_space(
+            config.search_space, layout=layout, method=config.method, n_parents=self.parents.bank.n_parents,
+            seed=config.seed, merge_vae=config.merge_vae,
+        )
+        self.merger = Merger(self.parents.bank)
+        pipe = bound_pipeline(merger=self.merger, parents=self.parents, config_dir=config.config_dir)
+        if config.render.decoder == "taesd":
+            from optimizer.render.taesd import load_taesd, swap_decoder
+
+            variant = "sdxl" if layout.name == "sdxl" else "sd"
+            tiny = load_taesd(directory=config.render.taesd, variant=variant, dtype=self.parents.bank.dtype, device=self.parents.bank.device)
+            pipe = swap_decoder(pipe, tiny)
+        self.prompt_set = load_prompt_set(config.prompts)
+        self.renderer = Renderer(pipe, prompt_set=self.prompt_set, batch_size=config.render.batch_size)
+        device = str(self.parents.bank.device)
+        self.objectives: list[Objective] = build_objectives(
+            [o.name for o in config.objectives],
+            reference=config.scorers.reference,
+            reference_cache=config.scorers.reference_cache,
+            clip_model=config.scorers.clip_model,
+            clip_weights=_clip_weights(config),
+            aesthetic_head=config.scorers.aesthetic_head,
+            features=config.scorers.features,
+            inception_weights=config.scorers.inception_weights,
+            device=device,
+        )
+        self.weights = [o.weight for o in config.objectives]
+        self.directions = [o.resolved_direction for o in config.objectives]
+        for objective, direction in zip(self.objectives, self.directions, strict=True):
+            objective.direction = direction  # a study may flip a default direction
+        from optuna.artifacts import FileSystemArtifactStore
+
+        folder.artifacts.mkdir(parents=True, exist_ok=True)
+        self.artifact_store = FileSystemArtifactStore(str(folder.artifacts))
+        self.setup_seconds = time.perf_counter() - started
+
+    # ------------------------------------------------------------------ scoring
+    def _combine(self, values: Sequence[float]) -> float:
+        return sum(w * sign(d) * v for w, d, v in zip(self.weights, self.directions, values, strict=True))
+
+    def _render_and_score(self, split: Split, trial: optuna.Trial | None = None) -> tuple[list[float], dict[str, Any]]:
+        jobs = self.prompt_set.jobs(split)
+        for objective in self.objectives:
+            objective.reset()
+        render_s = score_s = 0.0
+        grid_images: list[torch.Tensor] = []
+        want = self.config.render.grid_images
+        prune = trial is not None and self.config.mode == "weighted" and self.config.pruner.name != "none"
+        done = 0
+        for batch in self.renderer.batches(jobs):
+            render_s += batch.seconds
+            started = time.perf_counter()
+            prompts = [j.prompt for j in batch.jobs]
+            for objective in self.objectives:
+                objective.update(batch.images, prompts=prompts)
+            done += len(batch.jobs)
+            if len(grid_images) < want:
+                grid_images.append(batch.images[: want - sum(len(g) for g in grid_images)].cpu())
+            if prune and done < len(jobs):
+                try:
+                    partial = self._combine([o.compute() for o in self.objectives])
+                except ValueError:
+                    partial = None  # e.g. FID needs two images
+                if partial is not None:
+                    trial.report(partial, step=done)
+                    if trial.should_prune():
+                        score_s += time.perf_counter() - started
+                        trial.set_user_attr("seconds", {"render": render_s, "score": score_s})
+                        raise optuna.TrialPruned(f"pruned after {done} of {len(jobs)} images (running score {partial:.4f})")
+            score_s += time.perf_counter() - started
+        started = time.perf_counter()
+        values = [o.compute() for o in self.objectives]
+        score_s += time.perf_counter() - started
+        info = {"render": render_s, "score": score_s, "images": len(jobs), "grid": torch.cat(grid_images) if grid_images else None,
+                "prompts": [j.prompt for j in jobs[: want]]}
+        return values, info
+
+    def _upload_grid(self, trial: optuna.Trial, images: torch.Tensor, prompts: list[str]) -> None:
+        from optuna.artifacts import upload_artifact
+
+        data = grid_png(images, labels=None)
+        fd, tmp = tempfile.mkstemp(prefix=f"trial-{trial.number}-", suffix=".png")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            artifact_id = upload_artifact(artifact_store=self.artifact_store, file_path=tmp, study_or_trial=trial, mimetype="image/png")
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        trial.set_user_attr("grid_artifact", artifact_id)
+        trial.set_user_attr("grid_prompts", prompts)
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        started = time.perf_counter()
+        recipe = suggest_recipe(trial, self.space)
+        trial.set_user_attr("recipe", recipe.model_dump(mode="json"))
+        trial.set_user_attr("mbw", {p: recipe.to_mbw(layout=self.space.layout, param=p) for p in recipe.params})
+        try:
+            stats = self.merger.merge(recipe)
+            values, info = self._render_and_score("search", trial)
+        except optuna.TrialPruned:
+            raise
+        except TRIAL_ERRORS as exc:
+            trial.set_user_attr("failure", f"{type(exc).__name__}: {exc}")
+            raise
+        names = [o.name for o in self.objectives]
+        trial.set_user_attr("values", dict(zip(names, values, strict=True)))
+        trial.set_user_attr(
+            "seconds", {"merge": stats.seconds, "render": info["render"], "score": info["score"], "total": time.perf_counter() - started}
+        )
+        trial.set_user_attr("images", info["images"])
+        if info["grid"] is not None:
+            self._upload_grid(trial, info["grid"], info["prompts"])
+        if self.config.mode == "pareto":
+            return tuple(values)
+        return self._combine(values)
+
+    def evaluate(self, recipe: MergeRecipe, *, split: Split = "held_out") -> dict[str, float]:
+        """Objective values of ``recipe`` on ``split`` (held-out prompts by default), plus ``score``."""
+        if not self.prompt_set.prompts(split):
+            raise StudyConfigError(f"prompts: the prompt set has no {split} prompts")
+        self.merger.merge(recipe)
+        values, _ = self._render_and_score(split)
+        out = {o.name: v for o, v in zip(self.objectives, values, strict=True)}
+        out["score"] = self._combine(values)
+        return out
+
+
+class _Progress:
+    """tqdm over finished trials with the best value so far; stops the study after too many failures in a row."""
+
+    def __init__(self, *, total: int | None, initial: int, enabled: bool, max_consecutive_failures: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="trial", dynamic_ncols=True)
+        self.failures = 0
+        self.max_failures = max_consecutive_failures
+        self.last_failure: str | None = None
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        state = trial.state
+        if state == optuna.trial.TrialState.FAIL:
+            self.failures += 1
+            self.last_failure = trial.user_attrs.get("failure") or trial.system_attrs.get("fail_reason", "unknown")
+            if self.failures >= self.max_failures:
+                study.stop()
+            self.bar.set_postfix_str(f"trial {trial.number} failed: {str(self.last_failure)[:60]}")
+            return
+        self.failures = 0
+        self.bar.update(1)
+        if len(study.directions) == 1:
+            try:
+                best = study.best_trial
+                self.bar.set_postfix_str(f"best {best.value:.4f} (trial {best.number})")
+            except ValueError:
+                pass
+        else:
+            self.bar.set_postfix_str(f"{len(study.best_trials)} Pareto trials")
+
+
+def _finished(study: optuna.Study) -> int:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def create_or_load_study(config: StudyConfig, *, folder: StudyFolder, storage_url: str | None = None) -> tuple[optuna.Study, bool]:
+    """The Optuna study of ``config`` (created with the config stored in it, or loaded); ``True`` if new.
+
+    Loading a study whose stored config differs from ``config`` is an error: a study's trials only
+    mean something under one config.
+    """
+    url = storage_url or folder.storage_url(config)
+    storage = open_storage(url, heartbeat=config.heartbeat)
+    stored = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    try:
+        existing = optuna.load_study(study_name=config.name, storage=storage)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        if existing.user_attrs.get(CONFIG_ATTR) != stored:
+            raise StudyConfigError(
+                f"study {config.name!r} already exists in {url} with a different study file; "
+                "give it a new name, or use `evomerge study resume` with the stored one"
+            )
+        existing.sampler = make_sampler(config.sampler)
+        existing.pruner = make_pruner(config.pruner)
+        return existing, False
+    study = optuna.create_study(
+        study_name=config.name, storage=storage, directions=config.directions,
+        sampler=make_sampler(config.sampler), pruner=make_pruner(config.pruner),
+    )
+    study.set_user_attr(CONFIG_ATTR, stored)
+    if len(config.directions) > 1:
+        study.set_metric_names([o.name for o in config.objectives])
+    else:
+        study.set_metric_names(["score"])
+    return study, True
+
+
+def run_study(
+    config: StudyConfig,
+    *,
+    folder: StudyFolder,
+    progress: bool = True,
+    max_consecutive_failures: int = 5,
+    runner: StudyRunner | None = None,
+    storage_url: str | None = None,
+) -> optuna.Study:
+    """Create or resume the study and run trials until the budget is spent (see the module docstring).
+
+    ``storage_url`` overrides the study file's storage (a worker joining a shared study)."""
+    study, new = create_or_load_study(config, folder=folder, storage_url=storage_url)
+    runner = runner or StudyRunner(config, folder=folder)
+    if "architecture" not in study.user_attrs:
+        study.set_user_attr("architecture", runner.space.layout.name)
+    if new and config.warm_start:
+        for params in warm_start_params(runner.space, config.warm_start):
+            study.enqueue_trial(params, skip_if_exists=True)
+    budget = config.budget
+    done = _finished(study)
+    if budget.trials is not None and done >= budget.trials:
+        return study
+    bar = _Progress(total=budget.trials, initial=done, enabled=progress, max_consecutive_failures=max_consecutive_failures)
+    callbacks: list[Any] = [bar]
+    if budget.trials is not None:
+        callbacks.append(optuna.study.MaxTrialsCallback(budget.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
+    try:
+        study.optimize(runner, n_trials=None, timeout=budget.seconds, catch=TRIAL_ERRORS, callbacks=callbacks, gc_after_trial=False)
+    finally:
+        bar.bar.close()
+    if bar.failures >= max_consecutive_failures:
+        raise StudyFailed(f"{bar.failures} trials in a row failed; the last: {bar.last_failure}")
+    return study

@@ -1,0 +1,73 @@
+"""Samplers and pruners by name (a study file's ``sampler`` / ``pruner``), built with Optuna.
+
+========== ============================================ ===================================
+name       Optuna class                                 use
+========== ============================================ ===================================
+tpe        ``TPESampler(multivariate=True)``            default; single or multi-objective
+cmaes      ``CmaEsSampler`` (needs ``cmaes``)           the evolutionary one; single-objective
+nsga2      ``NSGAIISampler``                            Pareto fronts (mode: pareto)
+gp         ``GPSampler``                                small budgets; single-objective
+random     ``RandomSampler``                            baseline
+qmc        ``QMCSampler`` (Sobol, scrambled)            space-filling baseline
+========== ============================================ ===================================
+
+``options`` are passed to the class as keyword arguments (e.g. ``n_startup_trials``,
+``population_size``); an unknown option is an error naming it. Pruners: ``none``, ``median``,
+``percentile``, ``successive_halving``, ``hyperband``; they act on the running objective value a
+trial reports after each rendered batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import optuna
+
+from optimizer.study.config import PrunerConfig, SamplerConfig, StudyConfigError
+
+__all__ = ["make_pruner", "make_sampler"]
+
+
+def _build(cls, options: dict[str, Any], defaults: dict[str, Any], where: str):
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise StudyConfigError(f"{where}.options: {cls.__name__} has no option(s) {unknown}; it takes {sorted(accepted)}")
+    try:
+        return cls(**{**defaults, **options})
+    except (TypeError, ValueError, ImportError, ModuleNotFoundError) as exc:
+        raise StudyConfigError(f"{where}: cannot build {cls.__name__}: {exc}") from None
+
+
+def make_sampler(config: SamplerConfig) -> optuna.samplers.BaseSampler:
+    """The sampler named by ``config`` (seeded with ``config.seed``)."""
+    seed = {"seed": config.seed}
+    table = {
+        "tpe": (optuna.samplers.TPESampler, {"multivariate": True, **seed}),
+        "cmaes": (optuna.samplers.CmaEsSampler, seed),
+        "nsga2": (optuna.samplers.NSGAIISampler, seed),
+        "gp": (optuna.samplers.GPSampler, seed),
+        "random": (optuna.samplers.RandomSampler, seed),
+        "qmc": (optuna.samplers.QMCSampler, {"qmc_type": "sobol", "scramble": True, **seed}),
+    }
+    cls, defaults = table[config.name]
+    if config.name == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise StudyConfigError("sampler: cmaes needs the `cmaes` package (pip install cmaes)") from None
+    return _build(cls, dict(config.options), defaults, "sampler")
+
+
+def make_pruner(config: PrunerConfig) -> optuna.pruners.BasePruner:
+    """The pruner named by ``config``."""
+    table = {
+        "none": (optuna.pruners.NopPruner, {}),
+        "median": (optuna.pruners.MedianPruner, {"n_startup_trials": 5, "n_warmup_steps": 1}),
+        "percentile": (optuna.pruners.PercentilePruner, {"percentile": 25.0, "n_startup_trials": 5, "n_warmup_steps": 1}),
+        "successive_halving": (optuna.pruners.SuccessiveHalvingPruner, {}),
+        "hyperband": (optuna.pruners.HyperbandPruner, {}),
+    }
+    cls, defaults = table[config.name]
+    return _build(cls, dict(config.options), defaults, "pruner")

@@ -1,0 +1,334 @@
+"""Studies on the embedded zoo: config validation, the search space, run/record/report/export,
+replay of an exported recipe, failed trials, Pareto studies, resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from optimizer.architectures.layout import load_layout
+from optimizer.cli import app
+from optimizer.study.config import ParamSpace, StudyConfigError, WarmStart, load_study_config, parse_study_config
+from optimizer.study.space import bind_space, suggest_recipe, warm_start_params
+from optimizer.zoo import paths
+from optimizer.zoo.prompts import zoo_prompt_set_data
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO = paths.default_zoo_dir()
+needs_zoo = pytest.mark.skipif(not (ZOO / paths.MANIFEST).is_file(), reason="studies/zoo is not built")
+SD1 = load_layout("sd1")
+runner = CliRunner()
+
+
+def _study_data(tmp: Path, **overrides) -> dict:
+    prompts = zoo_prompt_set_data()
+    prompts.update(search=prompts["search"][:6], held_out=prompts["held_out"][:4], steps=6)
+    (tmp / "prompts.yaml").write_text(yaml.safe_dump(prompts))
+    data = {
+        "name": "test-study",
+        "parents": [str(paths.model_file(ZOO, "shape")), str(paths.model_file(ZOO, "colour"))],
+        "search_space": {"alpha": {"groups": {"IN": [f"IN{i:02d}" for i in range(12)], "OUT": [f"OUT{i:02d}" for i in range(12)]}}},
+        "sampler": {"name": "random", "seed": 1},
+        "pruner": {"name": "none"},
+        "objectives": ["clip"],
+        "prompts": "prompts.yaml",
+        "render": {"batch_size": 3, "grid_images": 4},
+        "budget": {"trials": 3},
+    }
+    data.update(overrides)
+    return data
+
+
+def _write_study(tmp: Path, **overrides) -> Path:
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(_study_data(tmp, **overrides)))
+    return path
+
+
+# ------------------------------------------------------------------------------------ study file
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"parents": ["a.safetensors"]}, "parents: List should have at least 2 items"),
+        ({"method": "average"}, "method: unknown merge method"),
+        ({"sampler": {"name": "bayes"}}, "sampler.name: unknown sampler 'bayes'"),
+        ({"objectives": ["clip", "clip"]}, "each objective once"),
+        ({"objectives": ["sharpness"]}, "objectives[0].name: unknown objective 'sharpness'"),
+        ({"objectives": ["clip", "fid"], "mode": "pareto", "pruner": {"name": "none"}}, "scorers.reference"),
+        ({"objectives": ["clip", "kid"], "mode": "pareto", "pruner": {"name": "median"}, "scorers": {"reference": "r"}}, "Optuna cannot prune multi-objective"),
+        ({"search_space": {"alpha": {"low": 1, "high": 0}}}, "search_space.alpha: low (1.0) must be below high (0.0)"),
+        ({"budget": {}}, "budget: give trials and/or seconds"),
+        ({"budget": {"trials": 0}}, "budget.trials: Input should be greater than or equal to 1"),
+        ({"warm_start": [{"uniform": 0.5, "mbw": "1"}]}, "warm_start[0]: a warm start is exactly one of"),
+        ({"render": {"decoder": "taesd"}}, "render.taesd"),
+        ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+        ({"name": "a b"}, "name: String should match pattern"),
+    ],
+)
+def test_bad_study_files_name_the_field(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(StudyConfigError) as info:
+        parse_study_config(_study_data(tmp_path, **change), source="s.yaml", base=tmp_path)
+    assert message in str(info.value) and str(info.value).startswith("s.yaml: ")
+
+
+def test_study_file_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    config = load_study_config(_write_study(tmp_path, parents=["models/a.safetensors", "/abs/b.safetensors"]))
+    assert config.parents == [str((tmp_path / "models/a.safetensors").resolve()), "/abs/b.safetensors"]
+    assert config.prompts == str((tmp_path / "prompts.yaml").resolve())
+    with pytest.raises(StudyConfigError, match="no study file"):
+        load_study_config(tmp_path / "missing.yaml")
+
+
+def test_committed_studies_are_valid() -> None:
+    for path in sorted((REPO / "studies").glob("*.yaml")):
+        config = load_study_config(path)
+        assert all(Path(p).is_file() for p in config.parents), path
+
+
+# ---------------------------------------------------------------------------------- search space
+def test_space_groups_fixed_and_replay_with_fixed_trial() -> None:
+    spec = ParamSpace(groups={"IN": [f"IN{i:02d}" for i in range(12)]}, fixed={"BASE": 0.25, "M00": 0.75})
+    space = bind_space({"alpha": spec}, layout=SD1, method="weighted_sum", n_parents=2)
+    assert space.names == ["alpha.IN"] + [f"alpha.OUT{i:02d}" for i in range(12)]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    trial = study.ask()
+    recipe = suggest_recipe(trial, space)
+    alpha = recipe.params["alpha"]
+    assert alpha["BASE"] == 0.25 and alpha["M00"] == 0.75
+    assert len({alpha[f"IN{i:02d}"] for i in range(12)}) == 1
+    assert suggest_recipe(optuna.trial.FixedTrial(trial.params), space) == recipe  # pure function of the trial
+    glob = bind_space({"alpha": ParamSpace(share="global")}, layout=SD1, method="weighted_sum", n_parents=2)
+    assert glob.names == ["alpha"]
+    ties = bind_space({"density": ParamSpace(low=0.1, high=0.9, step=0.1)}, layout=SD1, method="ties", n_parents=3)
+    recipe = suggest_recipe(optuna.trial.FixedTrial({f"density.{b}": 0.3 for b in SD1.blocks}), ties)
+    assert recipe.params["alpha"]["IN05"] == 1.0 and recipe.params["density"]["IN05"] == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "method", "message"),
+    [
+        ({"alpha": ParamSpace(groups={"IN": ["IN12"]})}, "weighted_sum", "search_space.alpha.groups.IN: unknown block 'IN12'"),
+        ({"alpha": ParamSpace(groups={"A": ["IN00"], "B": ["IN00"]})}, "weighted_sum", "already in group A"),
+        ({"alpha": ParamSpace(fixed={"MID": 0.5})}, "weighted_sum", "search_space.alpha.fixed.MID: not a block"),
+        ({"beta": ParamSpace()}, "weighted_sum", "has no parameter 'beta'"),
+        ({"density": ParamSpace(low=0.0, high=1.0)}, "ties", "search_space.density.low: density must be in (0, 1]"),
+    ],
+)
+def test_bad_search_spaces_name_the_field(spec: dict, method: str, message: str) -> None:
+    with pytest.raises(StudyConfigError) as info:
+        bind_space(spec, layout=SD1, method=method, n_parents=2 if method != "ties" else 3)
+    assert message in str(info.value)
+
+
+def test_warm_starts() -> None:
+    space = bind_space({"alpha": ParamSpace(groups={"IN": [f"IN{i:02d}" for i in range(12)]})}, layout=SD1, method="weighted_sum", n_parents=2)
+    mbw = "0.5," + ",".join(["1"] * 12) + ",0.5," + ",".join(["0"] * 12)
+    uniform, a, b, hand = warm_start_params(space, [WarmStart(uniform=0.5), WarmStart(parents=True), WarmStart(mbw=mbw)])
+    assert set(uniform.values()) == {0.5} and set(a.values()) == {0.0} and set(b.values()) == {1.0}
+    assert hand["alpha.IN"] == 1.0 and hand["alpha.OUT05"] == 0.0 and hand["alpha.BASE"] == 0.5
+    assert suggest_recipe(optuna.trial.FixedTrial(hand), space).to_mbw(layout=SD1) == ",".join(f"{float(v):g}" for v in mbw.split(","))
+    with pytest.raises(StudyConfigError, match="share alpha.IN but the MBW string gives them"):
+        warm_start_params(space, [WarmStart(mbw="0.5,1,0" + ",1" * 10 + ",0.5" + ",0" * 12)])
+    with pytest.raises(StudyConfigError, match="outside the searched range"):
+        warm_start_params(space, [WarmStart(uniform=1.5)])
+
+
+# ------------------------------------------------------------------------------ running a study
+@needs_zoo
+def test_short_zoo_study_records_trials_reports_and_exports_a_replayable_recipe(tmp_path: Path) -> None:
+    study_file = _write_study(tmp_path, warm_start=["parents"], budget={"trials": 3})
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["study", "run", str(study_file), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "best: trial" in result.output and "evomerge dashboard" in result.output
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.load_study(study_name="test-study", storage=storage)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 3
+    first = trials[0]
+    assert first.params == {n: 0.0 for n in first.params}  # the enqueued parent A
+    assert set(first.user_attrs) >= {"recipe", "mbw", "values", "seconds", "images", "grid_artifact"}
+    assert first.user_attrs["images"] == 6 and first.value == first.user_attrs["values"]["clip"]
+    assert (out / "artifacts" / first.user_attrs["grid_artifact"]).read_bytes().startswith(b"\x89PNG")
+    for name in ("trials.csv", "trials.md", "history.png", "importances.png", "block_weights.png"):
+        assert (out / "report" / name).stat().st_size > 100, name
+    assert "COMPLETE" in (out / "report" / "trials.md").read_text()
+
+    # export: recipe, MBW, merged safetensors; the recipe replays to exactly the trial's weights
+    best = study.best_trial
+    for fmt, name in (("recipe", "best.yaml"), ("mbw", "best.txt"), ("safetensors", "best.safetensors")):
+        result = runner.invoke(app, ["export", str(out), "--format", fmt, "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert f"trial {best.number}" in result.output
+    doc = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert doc["trial"] == best.number and doc["dtype"] == "float32" and len(doc["parents"][0]["sha256"]) == 64
+    assert best.user_attrs["mbw"]["alpha"] in (tmp_path / "best.txt").read_text()
+
+    from optimizer.merge import Merger
+    from optimizer.study.export import load_recipe_document, replay_recipe
+    from optimizer.study.runner import StudyRunner
+    from optimizer.study.space import suggest_recipe as suggest
+    from optimizer.study.storage import StudyFolder
+
+    parents, recipe = replay_recipe(load_recipe_document(tmp_path / "best.yaml"))
+    replayed = Merger(parents.bank)
+    replayed.merge(recipe)
+    trial_runner = StudyRunner(load_study_config(out / "study.yaml"), folder=StudyFolder(tmp_path / "replay"))
+    trial_runner.merger.merge(suggest(optuna.trial.FixedTrial(best.params), trial_runner.space))
+    assert torch.equal(replayed.output, trial_runner.merger.output)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "best.safetensors"))
+    views = trial_runner.merger.state_dict()
+    assert all(torch.equal(saved[k], views[k]) for k in views)
+
+    # the exported recipe refuses a parent that changed
+    doc["parents"][1]["sha256"] = "0" * 64
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
+    from optimizer.study.export import ExportError
+
+    with pytest.raises(ExportError, match="parent 1 .* has sha256"):
+        replay_recipe(load_recipe_document(tmp_path / "bad.yaml"))
+    result = runner.invoke(app, ["export", str(out), "--format", "recipe", "-o", str(tmp_path / "best.yaml")])
+    assert result.exit_code == 2 and "exists" in result.output
+
+
+@needs_zoo
+def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path: Path, monkeypatch) -> None:
+    from optimizer.render.renderer import NonFiniteImages
+    from optimizer.study.runner import StudyFailed, StudyRunner, run_study
+    from optimizer.study.storage import StudyFolder
+
+    config = load_study_config(_write_study(tmp_path, budget={"trials": 3}))
+    folder = StudyFolder(tmp_path / "run")
+    study_runner = StudyRunner(config, folder=folder)
+    real_batches = study_runner.renderer.batches
+    calls = {"n": 0}
+
+    def sometimes_nan(jobs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise NonFiniteImages("1 of 3 images have NaN/inf pixels: 'x' (seed 0)")
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_batches(jobs)
+
+    monkeypatch.setattr(study_runner.renderer, "batches", sometimes_nan)
+    study = run_study(config, folder=folder, runner=study_runner, progress=False)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 2
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert "NonFiniteImages" in failed[0].user_attrs["failure"] and "NaN" in failed[0].user_attrs["failure"]
+    assert "OutOfMemoryError" in failed[1].user_attrs["failure"]
+
+    # a broken set-up stops the study with the reason instead of burning the budget
+    def always(jobs):
+        raise NonFiniteImages("all black")
+
+    monkeypatch.setattr(study_runner.renderer, "batches", always)
+    config = config.model_copy(update={"name": "broken"})
+    with pytest.raises(StudyFailed, match="5 trials in a row failed; the last: NonFiniteImages: all black"):
+        run_study(config, folder=folder, runner=study_runner, progress=False)
+
+
+@needs_zoo
+def test_pareto_study_exports_the_best_trial_on_held_out_prompts(tmp_path: Path) -> None:
+    from torchvision.utils import save_image
+
+    from optimizer.zoo import domain
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    items = domain.samples(images="test", captions="held_out", count=24, seed=3)
+    for i, image in enumerate(domain.render([s.index for s in items], [s.attributes for s in items])):
+        save_image(image, str(reference / f"{i:03d}.png"))
+    study_file = _write_study(
+        tmp_path, name="pareto", mode="pareto", objectives=["clip", "fid"], sampler={"name": "nsga2", "seed": 0},
+        scorers={"reference": str(reference), "features": "clip"}, budget={"trials": 3},
+    )
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["study", "run", str(study_file), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{out / 'study.db'}")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"] and study.metric_names == ["clip", "fid"]
+    result = runner.invoke(app, ["export", str(out), "--format", "recipe", "-o", str(tmp_path / "best.yaml")])
+    assert result.exit_code == 0, result.output
+    held = optuna.load_study(study_name="pareto", storage=f"sqlite:///{out / 'study.db'}").user_attrs["held_out"]
+    assert set(held) == {str(t.number) for t in study.best_trials}
+    doc = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert doc["held_out"] == held[str(doc["trial"])]
+    assert doc["held_out"]["score"] == max(v["score"] for v in held.values())
+
+
+@needs_zoo
+def test_a_rerun_with_a_changed_study_file_is_refused(tmp_path: Path) -> None:
+    study_file = _write_study(tmp_path, budget={"trials": 1})
+    out = tmp_path / "run"
+    assert runner.invoke(app, ["study", "run", str(study_file), "--out", str(out), "--no-progress"]).exit_code == 0
+    _write_study(tmp_path, budget={"trials": 1}, sampler={"name": "tpe"})
+    result = runner.invoke(app, ["study", "run", str(study_file), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2 and "already exists" in result.output and "different study file" in result.output
+
+
+def _states(db: Path) -> list[tuple[int, str]]:
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+
+
+@needs_zoo
+def test_resume_after_kill_9_loses_no_completed_trial_and_retries_the_killed_one(tmp_path: Path) -> None:
+    study_file = _write_study(tmp_path, name="killed", budget={"trials": 6}, heartbeat={"interval": 1, "grace": 3, "max_retry": 2})
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "optimizer.cli", "study", "run", str(study_file), "--out", str(out), "--no-progress"]
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    db = out / "study.db"
+    deadline = time.monotonic() + 300
+    before: list[tuple[int, str]] = []
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"the study ended before it could be killed: {process.stderr.read().decode()[-2000:]}")
+            if db.is_file():
+                try:
+                    before = _states(db)
+                except sqlite3.OperationalError:
+                    before = []
+                if sum(s == "COMPLETE" for _, s in before) >= 2 and any(s == "RUNNING" for _, s in before):
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail("no running trial after two complete ones")
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    before = _states(db)
+    complete_before = {n for n, s in before if s == "COMPLETE"}
+    killed = [n for n, s in before if s == "RUNNING"]
+    assert killed
+    time.sleep(3.5)  # past the heartbeat grace period
+    result = subprocess.run([sys.executable, "-m", "optimizer.cli", "study", "resume", str(out), "--no-progress"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{db}")
+    by_number = {t.number: t for t in study.trials}
+    assert all(by_number[n].state.name == "COMPLETE" for n in complete_before)  # nothing lost
+    assert by_number[killed[0]].state.name == "FAIL"
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed[0]]
+    assert retried and retried[0].params == by_number[killed[0]].params and retried[0].state.name == "COMPLETE"
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 6
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
