@@ -201,12 +201,12 @@ def _open_study(study: Path, *, storage: str | None = None):
     return config, folder, loaded
 
 
-def _run(config, folder, *, storage: str | None = None, progress: bool = True) -> None:
+def _run(config, folder, *, storage: str | None = None, progress: bool = True, salt: int = 0) -> None:
     from optimizer.study.report import write_report
     from optimizer.study.runner import run_study
 
     folder.write_config(config)
-    study = run_study(config, folder=folder, progress=progress, storage_url=storage)
+    study = run_study(config, folder=folder, progress=progress, storage_url=storage, salt=salt)
     _summary(study, config, folder)
     written = write_report(study, folder=folder.report, architecture=_architecture(study))
     typer.echo(f"report: {written.get('markdown')} (+ {', '.join(p.name for k, p in written.items() if k != 'markdown')})")
@@ -300,7 +300,12 @@ def worker(
         raise _fail(str(exc)) from None
     try:
         config = config_from_study(loaded)
-        _run(config, StudyFolder(out or Path("out") / config.name), storage=storage, progress=progress)
+        import os
+        import socket
+        import zlib
+
+        salt = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) or 1
+        _run(config, StudyFolder(out or Path("out") / config.name), storage=storage, progress=progress, salt=salt)
     except _study_errors() as exc:
         raise _fail(str(exc)) from None
 

@@ -332,3 +332,21 @@ def test_resume_after_kill_9_loses_no_completed_trial_and_retries_the_killed_one
     assert retried and retried[0].params == by_number[killed[0]].params and retried[0].state.name == "COMPLETE"
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 6
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
+
+
+def test_resumed_and_joining_processes_do_not_replay_the_first_random_sequence() -> None:
+    from optimizer.study.config import SamplerConfig
+    from optimizer.study.samplers import make_sampler, process_seed
+
+    config = SamplerConfig(name="random", seed=0)
+    assert process_seed(config, trials_so_far=0) == 0
+    seeds = {process_seed(config, trials_so_far=0, salt=1), process_seed(config, trials_so_far=5), process_seed(config, trials_so_far=5, salt=9)}
+    assert len(seeds) == 3 and 0 not in seeds
+    assert process_seed(SamplerConfig(name="random", seed=None), trials_so_far=5) is None
+
+    def first_values(seed):
+        study = optuna.create_study(sampler=make_sampler(config, seed=seed))
+        return [study.ask().suggest_float("x", 0, 1) for _ in range(3)]
+
+    assert first_values(0) == first_values(0)
+    assert first_values(process_seed(config, trials_so_far=0, salt=1)) != first_values(0)

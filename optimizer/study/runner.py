@@ -42,7 +42,7 @@ from optimizer.render.prompts import Split, load_prompt_set
 from optimizer.render.renderer import RenderError, Renderer
 from optimizer.study.config import StudyConfig, StudyConfigError
 from optimizer.study.pipeline import bound_pipeline
-from optimizer.study.samplers import make_pruner, make_sampler
+from optimizer.study.samplers import make_pruner, make_sampler, process_seed
 from optimizer.study.space import BoundSpace, bind_space, suggest_recipe, warm_start_params
 from optimizer.study.storage import CONFIG_ATTR, StudyFolder, open_storage
 
@@ -251,7 +251,9 @@ def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
-def create_or_load_study(config: StudyConfig, *, folder: StudyFolder, storage_url: str | None = None) -> tuple[optuna.Study, bool]:
+def create_or_load_study(
+    config: StudyConfig, *, folder: StudyFolder, storage_url: str | None = None, salt: int = 0
+) -> tuple[optuna.Study, bool]:
     """The Optuna study of ``config`` (created with the config stored in it, or loaded); ``True`` if new.
 
     Loading a study whose stored config differs from ``config`` is an error: a study's trials only
@@ -270,7 +272,8 @@ def create_or_load_study(config: StudyConfig, *, folder: StudyFolder, storage_ur
                 f"study {config.name!r} already exists in {url} with a different study file; "
                 "give it a new name, or use `evomerge study resume` with the stored one"
             )
-        existing.sampler = make_sampler(config.sampler)
+        seed = process_seed(config.sampler, trials_so_far=len(existing.get_trials(deepcopy=False)), salt=salt)
+        existing.sampler = make_sampler(config.sampler, seed=seed)
         existing.pruner = make_pruner(config.pruner)
         return existing, False
     study = optuna.create_study(
@@ -293,11 +296,13 @@ def run_study(
     max_consecutive_failures: int = 5,
     runner: StudyRunner | None = None,
     storage_url: str | None = None,
+    salt: int = 0,
 ) -> optuna.Study:
     """Create or resume the study and run trials until the budget is spent (see the module docstring).
 
-    ``storage_url`` overrides the study file's storage (a worker joining a shared study)."""
-    study, new = create_or_load_study(config, folder=folder, storage_url=storage_url)
+    ``storage_url`` overrides the study file's storage (a worker joining a shared study); ``salt``
+    makes a worker's sampler seed differ from every other process's (see ``process_seed``)."""
+    study, new = create_or_load_study(config, folder=folder, storage_url=storage_url, salt=salt)
     runner = runner or StudyRunner(config, folder=folder)
     if "architecture" not in study.user_attrs:
         study.set_user_attr("architecture", runner.space.layout.name)

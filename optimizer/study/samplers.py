@@ -26,7 +26,7 @@ import optuna
 
 from optimizer.study.config import PrunerConfig, SamplerConfig, StudyConfigError
 
-__all__ = ["make_pruner", "make_sampler"]
+__all__ = ["make_pruner", "make_sampler", "process_seed"]
 
 
 def _build(cls, options: dict[str, Any], defaults: dict[str, Any], where: str):
@@ -40,9 +40,21 @@ def _build(cls, options: dict[str, Any], defaults: dict[str, Any], where: str):
         raise StudyConfigError(f"{where}: cannot build {cls.__name__}: {exc}") from None
 
 
-def make_sampler(config: SamplerConfig) -> optuna.samplers.BaseSampler:
-    """The sampler named by ``config`` (seeded with ``config.seed``)."""
-    seed = {"seed": config.seed}
+def process_seed(config: SamplerConfig, *, trials_so_far: int, salt: int = 0) -> int | None:
+    """The seed one process's sampler uses: ``config.seed`` for a new study; for a resumed or
+    shared one, mixed with the number of trials already in the study and a per-worker ``salt``, so
+    a resumed run or a second worker does not replay the first process's random sequence (which
+    would propose the same start-up parameters again). ``None`` stays unseeded."""
+    if config.seed is None:
+        return None
+    if trials_so_far == 0 and salt == 0:
+        return config.seed
+    return (config.seed * 1_000_003 + trials_so_far * 7_919 + salt) % 2**32
+
+
+def make_sampler(config: SamplerConfig, *, seed: int | None | str = "config") -> optuna.samplers.BaseSampler:
+    """The sampler named by ``config``, seeded with ``config.seed`` (or ``seed`` when given)."""
+    seed = {"seed": config.seed if seed == "config" else seed}
     table = {
         "tpe": (optuna.samplers.TPESampler, {"multivariate": True, **seed}),
         "cmaes": (optuna.samplers.CmaEsSampler, seed),

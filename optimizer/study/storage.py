@@ -61,10 +61,22 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig) -> optuna.storages.RDB
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat.interval,
             grace_period=heartbeat.grace,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=heartbeat.max_retry),
+            failed_trial_callback=_retry_callback(heartbeat.max_retry),
         )
     except Exception as exc:  # noqa: BLE001 - sqlalchemy raises many kinds
         raise StudyConfigError(f"storage {url!r} cannot be opened: {exc}") from None
+
+
+def _retry_callback(max_retry: int):
+    """``RetryFailedTrialCallback`` as the storage's ``failed_trial_callback``: it re-enqueues a
+    trial that heartbeat failed. (Optuna 5 marks it deprecated in favour of
+    ``RetryHeartbeatStaleTrialCallback``, which, passed as ``heartbeat_stale_trial_callback``, left
+    the killed trial RUNNING in our kill -9 test; kept until that is understood.)"""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)
 
 
 def config_from_study(study: optuna.Study) -> StudyConfig:
