@@ -252,7 +252,7 @@ def _finished(study: optuna.Study) -> int:
 
 
 def create_or_load_study(
-    config: StudyConfig, *, folder: StudyFolder, storage_url: str | None = None, salt: int = 0
+    config: StudyConfig, *, folder: StudyFolder, storage_url: str | None = None
 ) -> tuple[optuna.Study, bool]:
     """The Optuna study of ``config`` (created with the config stored in it, or loaded); ``True`` if new.
 
@@ -272,8 +272,6 @@ def create_or_load_study(
                 f"study {config.name!r} already exists in {url} with a different study file; "
                 "give it a new name, or use `evomerge study resume` with the stored one"
             )
-        seed = process_seed(config.sampler, trials_so_far=len(existing.get_trials(deepcopy=False)), salt=salt)
-        existing.sampler = make_sampler(config.sampler, seed=seed)
         existing.pruner = make_pruner(config.pruner)
         return existing, False
     study = optuna.create_study(
@@ -302,8 +300,12 @@ def run_study(
 
     ``storage_url`` overrides the study file's storage (a worker joining a shared study); ``salt``
     makes a worker's sampler seed differ from every other process's (see ``process_seed``)."""
-    study, new = create_or_load_study(config, folder=folder, storage_url=storage_url, salt=salt)
+    study, new = create_or_load_study(config, folder=folder, storage_url=storage_url)
     runner = runner or StudyRunner(config, folder=folder)
+    if not new or salt:
+        # read the trials only now, after the heavy set-up (see process_seed)
+        seed = process_seed(config.sampler, trials_so_far=len(study.get_trials(deepcopy=False)), salt=salt)
+        study.sampler = make_sampler(config.sampler, seed=seed)
     if "architecture" not in study.user_attrs:
         study.set_user_attr("architecture", runner.space.layout.name)
     if new and config.warm_start:
