@@ -126,10 +126,9 @@ def score(
     from objectives.aesthetic import AestheticHeadError
     from objectives.score_folder import build_objectives, score_folder
 
-    if clip_model == "evomerge-digits-clip" and clip_weights is None:
-        from optimizer.zoo import paths
+    from optimizer.zoo.paths import clip_weights_or_zoo
 
-        clip_weights = str(paths.clip_file(paths.default_zoo_dir()))
+    clip_weights = clip_weights_or_zoo(clip_model, clip_weights)
     try:
         built = build_objectives(
             objective,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from pydantic import ValidationError
 
-__all__ = ["describe_validation_error"]
+__all__ = ["describe_validation_error", "read_yaml_file"]
 
 
 def _location(loc: tuple[object, ...]) -> str:
@@ -26,3 +29,21 @@ def describe_validation_error(exc: ValidationError) -> str:
         message = error["msg"].removeprefix("Value error, ")
         problems.append(f"{_location(loc)}: {message}")
     return "; ".join(problems)
+
+
+def read_yaml_file(path: str | os.PathLike[str], *, error: type[ValueError], missing: str) -> object:
+    """Parsed YAML of ``path``; ``error`` (naming the file) when it is absent (``"{missing} at PATH"``),
+    unreadable or not valid YAML."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{missing} at {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not a readable YAML file ({exc})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None

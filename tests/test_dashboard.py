@@ -20,7 +20,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -34,49 +33,14 @@ import yaml
 from PIL import Image
 
 from optimizer.zoo import paths
+from tests.study_cli import PROMPTS, evomerge_command, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 STUDY = "dash-zoo"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = pytest.mark.skipif(
     not (paths.default_zoo_dir() / paths.MANIFEST).is_file(), reason="studies/zoo is not built (evomerge zoo build)"
 )
-
-PROMPTS = {
-    "search": [
-        "a bold upright red digit 0 on a black background",
-        "a thin italic blue digit 2 on a black background",
-        "a bold upright green digit 6 on a gray background",
-        "a thin upright yellow digit 5 on a black background",
-        "a bold italic white digit 5 on a black background",
-        "a thin italic green digit 2 on a white background",
-    ],
-    "held_out": [
-        "a bold upright green digit 3 on a black background",
-        "a thin upright blue digit 1 on a white background",
-        "a bold upright yellow digit 2 on a gray background",
-        "a thin upright white digit 5 on a black background",
-    ],
-    "seeds": [0],
-    "steps": 6,
-    "guidance": 4.0,
-    "width": 32,
-    "height": 32,
-    "scheduler": "dpmpp_2m",
-}
-
-
-def _evomerge() -> list[str]:
-    script = Path(sys.executable).with_name("evomerge")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "optimizer.cli"]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return env
-
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -126,8 +90,8 @@ def _start_dashboard(folder: Path, log: Path) -> tuple[subprocess.Popen[bytes], 
     for _ in range(3):
         port = _free_port()
         with log.open("wb") as sink:
-            process = subprocess.Popen([*_evomerge(), "dashboard", str(folder), "--port", str(port)], cwd=folder.parent,
-                                       env=_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen([*evomerge_command(), "dashboard", str(folder), "--port", str(port)], cwd=folder.parent,
+                                       env=subprocess_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         try:
@@ -168,8 +132,8 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         "budget": {"trials": 2},
     }, sort_keys=False))
     folder = root / "study"
-    done = subprocess.run([*_evomerge(), "study", "run", str(study_file), "--out", str(folder), "--no-progress"],
-                          cwd=root, env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*evomerge_command(), "study", "run", str(study_file), "--out", str(folder), "--no-progress"],
+                          cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
 
     process, base = _start_dashboard(folder, root / "dashboard.log")

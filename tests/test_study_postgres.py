@@ -6,10 +6,8 @@ server binaries; ``.ci/run`` installs them).
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,12 +15,12 @@ import pytest
 import yaml
 
 from optimizer.zoo import paths
+from tests.study_cli import PROMPTS, evomerge_command, subprocess_env
 from tests import postgres
 from tests.postgres import PostgresServer
 
 postgres_server = postgres.postgres_server  # the module-scoped fixture: a throwaway cluster (skips without one)
 
-REPO = Path(__file__).resolve().parents[1]
 BUDGET = 8
 WORKERS = 2
 STUDY = "pg-two-workers"
@@ -31,43 +29,6 @@ RUN_APP, WORKER_APP = "evomerge-run", "evomerge-worker"  # libpq application_nam
 pytestmark = pytest.mark.skipif(
     not (paths.default_zoo_dir() / paths.MANIFEST).is_file(), reason="studies/zoo is not built (evomerge zoo build)"
 )
-
-PROMPTS = {
-    "search": [
-        "a bold upright red digit 0 on a black background",
-        "a thin italic blue digit 2 on a black background",
-        "a bold upright green digit 6 on a gray background",
-        "a thin upright yellow digit 5 on a black background",
-        "a bold italic white digit 5 on a black background",
-        "a thin italic green digit 2 on a white background",
-    ],
-    "held_out": [
-        "a bold upright green digit 3 on a black background",
-        "a thin upright blue digit 1 on a white background",
-        "a bold upright yellow digit 2 on a gray background",
-        "a thin upright white digit 5 on a black background",
-    ],
-    "seeds": [0],
-    "steps": 6,
-    "guidance": 4.0,
-    "width": 32,
-    "height": 32,
-    "scheduler": "dpmpp_2m",
-}
-
-
-def _evomerge() -> list[str]:
-    script = Path(sys.executable).with_name("evomerge")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "optimizer.cli"]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
-    # One torch thread per process: two processes on a small CI machine otherwise oversubscribe the
-    # cores and a 0.3 s trial takes seconds.
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return env
-
 
 def _with_app(url: str, name: str) -> str:
     return f"{url}&application_name={name}"
@@ -154,11 +115,11 @@ def test_study_run_and_a_worker_share_one_postgres_study(tmp_path: Path, postgre
     # The test's own polling must never wait on its own lock: fail fast instead.
     poll_storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"options": "-c lock_timeout=5000"}})
 
-    env = _env()
+    env = subprocess_env()
     run = worker = None
     started = time.monotonic()
     try:
-        run = subprocess.Popen([*_evomerge(), "study", "run", str(study_file), "--out", str(run_out), "--no-progress"],
+        run = subprocess.Popen([*evomerge_command(), "study", "run", str(study_file), "--out", str(run_out), "--no-progress"],
                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while True:  # the study exists, with its study file stored (the worker reads it from there)
@@ -171,7 +132,7 @@ def test_study_run_and_a_worker_share_one_postgres_study(tmp_path: Path, postgre
                 pass
             time.sleep(0.25)
         worker = subprocess.Popen(
-            [*_evomerge(), "worker", "--storage", _with_app(url, WORKER_APP), "--study", STUDY, "--out", str(worker_out)],
+            [*evomerge_command(), "worker", "--storage", _with_app(url, WORKER_APP), "--study", STUDY, "--out", str(worker_out)],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         deadline = time.monotonic() + 300

@@ -28,13 +28,11 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from optimizer.config_errors import describe_validation_error
+from optimizer.config_errors import describe_validation_error, read_yaml_file
 from optimizer.render.schedulers import SCHEDULERS
 
 __all__ = ["PromptItem", "PromptSet", "PromptSetError", "RenderJob", "Split", "load_prompt_set", "parse_prompt_set"]
@@ -178,17 +176,7 @@ def parse_prompt_set(data: Any, *, source: str = "prompt set") -> PromptSet:
 
 def load_prompt_set(path: str | os.PathLike[str]) -> PromptSet:
     """Read and validate a prompt set YAML file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PromptSetError(f"no prompt set file at {path}") from None
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
-        raise PromptSetError(f"{path}: not a readable YAML file ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PromptSetError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml_file(path, error=PromptSetError, missing="no prompt set file")
     if not isinstance(data, dict):
         raise PromptSetError(f"{path}: expected a mapping with search/held_out (or prompts), seeds, steps, ...")
     return parse_prompt_set(data, source=str(path))

@@ -12,10 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from optimizer.config_errors import describe_validation_error
+from optimizer.config_errors import describe_validation_error, read_yaml_file
 
 __all__ = [
     "BudgetConfig",
@@ -310,15 +309,5 @@ def parse_study_config(data: Any, *, source: str = "study", base: str | os.PathL
 
 def load_study_config(path: str | os.PathLike[str]) -> StudyConfig:
     """Read and validate a study file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise StudyConfigError(f"no study file at {path}") from None
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
-        raise StudyConfigError(f"{path}: not a readable YAML file ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise StudyConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_study_config(data, source=str(path), base=path.resolve().parent)
+    data = read_yaml_file(path, error=StudyConfigError, missing="no study file")
+    return parse_study_config(data, source=str(path), base=Path(path).resolve().parent)

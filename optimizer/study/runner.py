@@ -45,6 +45,7 @@ from optimizer.study.pipeline import bound_pipeline
 from optimizer.study.samplers import make_pruner, make_sampler, process_seed
 from optimizer.study.space import BoundSpace, bind_space, suggest_recipe, warm_start_params
 from optimizer.study.storage import CONFIG_ATTR, StudyFolder, open_storage
+from optimizer.zoo.paths import clip_weights_or_zoo
 
 __all__ = ["StudyFailed", "StudyRunner", "create_or_load_study", "run_study"]
 
@@ -63,15 +64,6 @@ def default_dtype(config: StudyConfig) -> str | None:
     from optimizer.merge_files import resolve_device
 
     return "fp32" if resolve_device(config.device).type == "cpu" else None
-
-
-def _clip_weights(config: StudyConfig) -> str | None:
-    scorers = config.scorers
-    if scorers.clip_model == "evomerge-digits-clip" and scorers.clip_weights is None:
-        from optimizer.zoo import paths
-
-        return str(paths.clip_file(paths.default_zoo_dir()))
-    return scorers.clip_weights
 
 
 class StudyRunner:
@@ -107,7 +99,7 @@ class StudyRunner:
             reference=config.scorers.reference,
             reference_cache=config.scorers.reference_cache,
             clip_model=config.scorers.clip_model,
-            clip_weights=_clip_weights(config),
+            clip_weights=clip_weights_or_zoo(config.scorers.clip_model, config.scorers.clip_weights),
             aesthetic_head=config.scorers.aesthetic_head,
             features=config.scorers.features,
             inception_weights=config.scorers.inception_weights,
