@@ -347,7 +347,7 @@ def export(
             runner = StudyRunner(config, folder=folder)
         chosen = pick_trial(loaded, trial, runner=runner)
         written = export_trial(study=loaded, config=config, trial=chosen, output_format=output_format, output=output,
-                               parents=runner.parents if runner else None, overwrite=overwrite)
+                               parents=runner.parents if runner else None, overwrite=overwrite, runner=runner)
     except _study_errors() as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"trial {chosen.number} -> {written}")

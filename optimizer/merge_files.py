@@ -117,7 +117,26 @@ def merge_to_file(
         raise CheckpointError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     merger = Merger(parents.bank)
     merger.merge(recipe)
-    state_dict = merger.state_dict()
+    return write_merged(
+        state_dict=merger.state_dict(), parents=parents, recipe=recipe, output=output, output_format=output_format,
+        config_dir=config_dir, overwrite=overwrite,
+    )
+
+
+def write_merged(
+    *,
+    state_dict: dict,
+    parents: LoadedParents,
+    recipe: MergeRecipe,
+    output: str | os.PathLike[str],
+    output_format: str = "safetensors",
+    config_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write merged weights atomically (safetensors with the recipe in its metadata, or a diffusers folder)."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise CheckpointError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     if output_format == "safetensors":
         metadata = merge_metadata(recipe=recipe.model_dump(mode="json"), parents=parents.checkpoints)
         return save_safetensors(state_dict=state_dict, path=output, metadata=metadata)

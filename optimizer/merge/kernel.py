@@ -22,6 +22,10 @@ over every block (:mod:`optimizer.merge.fused`: each parent read once, the outpu
 fp32 arithmetic); other methods still take the torch path. ``"auto"`` (default) is ``"triton"`` on a
 CUDA device where Triton imports, else ``"torch"``.
 
+LoRAs (``loras=``, :class:`~optimizer.adapters.lora.LoraSet`): after the blocks are merged, each LoRA
+the recipe names is added in place with its per-block strengths (``recipe.loras``), one ``addmm_``
+per adapted weight. Every merge rewrites every block from the parents first, so nothing accumulates.
+
 Components (VAE): copied from parent 0 unless ``recipe.merge_vae``, then merged with the BASE
 block's parameters. Passthrough tensors (integer, ``position_ids``) are parent 0's, never merged.
 """
@@ -29,13 +33,16 @@ block's parameters. Passthrough tensors (integer, ``position_ids``) are parent 0
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from optimizer.merge.errors import MergeError
+from optimizer.adapters.lora import Lora, LoraSet
+from optimizer.adapters.lora_format import LoraError
+from optimizer.merge.errors import MergeError, RecipeError
 from optimizer.merge.flat import ParentBank, Segment
 from optimizer.merge.fused import FusedLinear, fused_available
 from optimizer.merge.methods import MergeMethod, tensor_seed
@@ -53,6 +60,8 @@ class MergeStats:
     copied_elements: int  # components copied from parent 0 in this merge
     merged_vae: bool
     backend: str = "torch"  # what computed this merge: "torch" or "triton"
+    lora_layers: int = 0  # adapted weights updated by LoRAs (non-zero strength)
+    lora_seconds: float = 0.0  # part of ``seconds`` spent adding LoRAs
 
 
 Backend = Literal["auto", "torch", "triton"]
@@ -65,7 +74,7 @@ class Merger:
     ``"triton"`` where it cannot run raises :class:`~optimizer.merge.errors.MergeError`.
     """
 
-    def __init__(self, bank: ParentBank, *, backend: Backend = "auto") -> None:
+    def __init__(self, bank: ParentBank, *, backend: Backend = "auto", loras: Sequence[Lora] = ()) -> None:
         if backend not in ("auto", "torch", "triton"):
             raise MergeError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         self.bank = bank
@@ -79,6 +88,7 @@ class Merger:
         for key, tensor in bank.passthrough.items():
             views[key] = tensor
         self._views = {key: views[key] for key in bank.keys}
+        self.loras = LoraSet(loras, views={span.key: span.view(self.output) for span in bank.spans}) if loras else None
         self._component_is_parent0 = {name: True for name, seg in bank.segments.items() if seg.component}
         use_triton = backend == "triton" or (backend == "auto" and bank.device.type == "cuda" and fused_available(bank.device))
         self._fused = FusedLinear(bank=bank, output=self.output) if use_triton else None
@@ -102,6 +112,7 @@ class Merger:
         """
         bank = self.bank
         recipe.validate_for(bank.layout, bank.n_parents)
+        self._check_loras(recipe)
         method = recipe.merge_method
         names = method.param_names(bank.n_parents)
         seed = recipe.seed if generator_seed is None else int(generator_seed)
@@ -121,6 +132,16 @@ class Merger:
                         merged += seg.numel
             copied = self._settle_components(merged_vae=recipe.merge_vae)
         return self._stats(recipe, started, calls=calls, merged=merged, copied=copied, backend="torch")
+
+    def _check_loras(self, recipe: MergeRecipe) -> None:
+        if not recipe.loras:
+            return
+        if self.loras is None:
+            raise RecipeError(f"the recipe names LoRA(s) {sorted(recipe.loras)} but this merger holds none")
+        try:
+            self.loras.check(recipe.loras)
+        except LoraError as exc:
+            raise RecipeError(str(exc)) from None
 
     def _merge_fused(self, recipe: MergeRecipe, names: tuple[str, ...], started: float) -> MergeStats:
         """All blocks (and, with ``merge_vae``, components) in one launch; components otherwise
@@ -159,7 +180,11 @@ class Merger:
         return copied
 
     def _stats(self, recipe: MergeRecipe, started: float, *, calls: int, merged: int, copied: int, backend: str) -> MergeStats:
-        """Wait for the device (so ``seconds`` is the merge's real duration) and report."""
+        """Add the recipe's LoRAs, wait for the device (so ``seconds`` is the merge's real duration) and report."""
+        lora = None
+        if recipe.loras and self.loras is not None:
+            with torch.inference_mode():
+                lora = self.loras.apply(recipe.loras)
         if self.output.device.type == "cuda":
             torch.cuda.synchronize(self.output.device)
         return MergeStats(
@@ -170,6 +195,8 @@ class Merger:
             copied_elements=copied,
             merged_vae=recipe.merge_vae,
             backend=backend,
+            lora_layers=lora.layers if lora else 0,
+            lora_seconds=lora.seconds if lora else 0.0,
         )
 
     def _merge_segment(self, method: MergeMethod, seg: Segment, params: dict[str, float], seed: int) -> int:

@@ -6,6 +6,10 @@ in ``params``: with ``merge_vae=False`` (default) the VAE is copied from parent 
 ``merge_vae=True`` it is merged by the same method using the **BASE block's** parameters
 (supermerger's convention: keys outside the UNet blocks follow the base alpha).
 
+Adapters: ``loras[name][block]`` is the strength of LoRA ``name`` in MBW block ``block`` (only the
+blocks the LoRA touches are needed), added in place after the merge by the kernel;
+``hypernetworks[name]`` is a hypernetwork's strength, applied at render time (not by the kernel).
+
 Round trip: ``MergeRecipe.model_validate_json(r.model_dump_json()) == r``, and likewise
 :meth:`MergeRecipe.to_yaml` / :meth:`MergeRecipe.from_yaml`.
 """
@@ -36,6 +40,8 @@ class MergeRecipe(BaseModel):
     params: dict[str, dict[str, float]] = Field(default_factory=dict)
     seed: int = 0
     merge_vae: bool = False
+    loras: dict[str, dict[str, float]] = Field(default_factory=dict)
+    hypernetworks: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("method")
     @classmethod
@@ -130,6 +136,10 @@ class MergeRecipe(BaseModel):
                 raise RecipeError(f"recipe parameter {p!r} names block(s) {unknown} that {layout.name} does not have")
             for b in layout.blocks:
                 m.check_value(p, per_block[b], block=b)
+        for name, per_block in self.loras.items():
+            unknown = [b for b in per_block if b not in layout.blocks]
+            if unknown:
+                raise RecipeError(f"recipe LoRA {name!r} names block(s) {unknown} that {layout.name} does not have")
 
     # ---------------------------------------------------------------- YAML
 

@@ -18,9 +18,12 @@ from optimizer.config_errors import describe_validation_error, read_yaml_file
 
 __all__ = [
     "BudgetConfig",
+    "HypernetworkConfig",
+    "LoraConfig",
     "ObjectiveConfig",
     "ParamSpace",
     "PrunerConfig",
+    "RecalibrateConfig",
     "RenderConfig",
     "SamplerConfig",
     "ScorerConfig",
@@ -190,6 +193,76 @@ class BudgetConfig(_Strict):
         return self
 
 
+def _global_strength() -> ParamSpace:
+    return ParamSpace(low=0.0, high=1.0, share="global")
+
+
+def _strength_defaults_global(value: Any) -> Any:
+    """An adapter's ``strength`` mapping without ``share`` means one global strength."""
+    if isinstance(value, dict) and isinstance(value.get("strength"), dict) and "share" not in value["strength"]:
+        return {**value, "strength": {**value["strength"], "share": "global"}}
+    if isinstance(value, dict) and isinstance(value.get("strength"), (int, float)):
+        return {**value, "strength": {"value": float(value["strength"]), "share": "global"}}
+    return value
+
+
+class LoraConfig(_Strict):
+    """A LoRA added after the merge: its file, its name (default: the file stem) and how its strength
+    is searched. ``strength`` is a :class:`ParamSpace` over the blocks the LoRA touches (default: one
+    global strength in [0, 1]; ``share: per_block`` for one strength per block, ``groups`` to tie
+    blocks, ``value`` to pin it). ``lbw``: an LBW string or preset (``OUTALL``) whose per-block
+    values multiply a global strength. A ``strength`` mapping without ``share`` is global; a plain
+    number pins the strength."""
+
+    path: str
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    strength: ParamSpace = Field(default_factory=_global_strength)
+    lbw: str | None = None
+
+    _defaults = model_validator(mode="before")(classmethod(lambda cls, value: _strength_defaults_global(value)))
+
+    @model_validator(mode="after")
+    def _lbw_global(self) -> LoraConfig:
+        if self.lbw is not None and self.strength.value is None and self.strength.share != "global":
+            raise ValueError("lbw scales one global strength; set strength.share: global")
+        return self
+
+    @property
+    def resolved_name(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+class HypernetworkConfig(_Strict):
+    """A hypernetwork applied at render time (A1111 ``.pt``); its strength is global."""
+
+    path: str
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    strength: ParamSpace = Field(default_factory=_global_strength)
+
+    _defaults = model_validator(mode="before")(classmethod(lambda cls, value: _strength_defaults_global(value)))
+
+    @model_validator(mode="after")
+    def _global(self) -> HypernetworkConfig:
+        if self.strength.value is None and self.strength.share != "global":
+            raise ValueError("a hypernetwork has one strength: set strength.share: global")
+        return self
+
+    @property
+    def resolved_name(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+class RecalibrateConfig(_Strict):
+    """AdaBN/REPAIR-style recalibration of the merged UNet's GroupNorm/LayerNorm affine parameters
+    after each merge, towards the parents' activation statistics interpolated with the recipe's
+    per-block alphas (``weighted_sum`` only). The calibration batch: the first ``prompts`` search
+    prompts at each of ``timesteps``, seeded Gaussian latents."""
+
+    prompts: int = Field(default=4, ge=1)
+    timesteps: list[int] = Field(default_factory=lambda: [999, 750, 500, 250], min_length=1)
+    seed: int = 0
+
+
 class HeartbeatConfig(_Strict):
     """Optuna heartbeat: a trial whose process stops beating for ``grace`` seconds is failed and retried."""
 
@@ -210,7 +283,11 @@ class StudyConfig(_Strict):
     dtype: Literal["fp16", "bf16", "fp32"] | None = None
     device: str = "auto"
     config_dir: str | None = None  # diffusers config folder for rendering (default: found or shipped)
-    search_space: dict[str, ParamSpace] = Field(min_length=1)
+    search_space: dict[str, ParamSpace] = Field(default_factory=dict)
+    technique: Literal["merge", "output_ensemble"] = "merge"
+    loras: list[LoraConfig] = Field(default_factory=list)
+    hypernetworks: list[HypernetworkConfig] = Field(default_factory=list)
+    recalibrate: RecalibrateConfig | None = None
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     pruner: PrunerConfig = Field(default_factory=PrunerConfig)
     warm_start: list[WarmStart] = Field(default_factory=list)
@@ -237,6 +314,21 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
+        adapters = [a.resolved_name for a in self.loras] + [h.resolved_name for h in self.hypernetworks]
+        if len(set(adapters)) != len(adapters):
+            raise ValueError(f"loras/hypernetworks: names must be unique, got {adapters} (set name:)")
+        if not self.search_space and not any(a.strength.value is None for a in [*self.loras, *self.hypernetworks]):
+            raise ValueError("search_space: nothing is searched (no merge parameter, no LoRA or hypernetwork strength)")
+        if self.technique == "output_ensemble":
+            if self.method != "weighted_sum" or len(self.parents) != 2:
+                raise ValueError("technique: output_ensemble mixes two parents' noise predictions with weights (1 - alpha, alpha); use method weighted_sum and two parents")
+            if self.loras or self.recalibrate is not None or self.merge_vae:
+                raise ValueError("technique: output_ensemble merges no weights; loras, recalibrate and merge_vae do not apply")
+            alpha = self.search_space.get("alpha")
+            if alpha is not None and alpha.value is None and alpha.share != "global":
+                raise ValueError("search_space.alpha: an output ensemble has one weight; set share: global")
+        if self.recalibrate is not None and self.method != "weighted_sum":
+            raise ValueError("recalibrate: the target statistics interpolate the parents with the recipe's alphas; it needs method weighted_sum")
         names = [o.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError(f"objectives: each objective once, got {names}")
@@ -279,6 +371,12 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     data = dict(data)
     if isinstance(data.get("parents"), list):
         data["parents"] = [_resolve(p, base) if isinstance(p, str) else p for p in data["parents"]]
+    for field in ("loras", "hypernetworks"):
+        if isinstance(data.get(field), list):
+            data[field] = [
+                {**item, "path": _resolve(item["path"], base)} if isinstance(item, dict) and isinstance(item.get("path"), str) else item
+                for item in data[field]
+            ]
     for path in _PATH_FIELDS:
         node = data
         for key in path[:-1]:

@@ -33,7 +33,7 @@ import optuna
 import yaml
 
 from optimizer.merge import MergeRecipe
-from optimizer.merge_files import LoadedParents, load_parents, merge_to_file
+from optimizer.merge_files import LoadedParents, load_parents, merge_to_file, write_merged
 from optimizer.study.config import StudyConfig, StudyConfigError
 
 __all__ = ["FORMATS", "ExportError", "export_trial", "pick_trial", "recipe_document", "replay_recipe"]
@@ -90,8 +90,17 @@ def pick_trial(study: optuna.Study, which: str = "best", *, runner=None) -> optu
     return max(pareto, key=lambda t: held[str(t.number)]["score"])
 
 
-def recipe_document(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, parents: LoadedParents) -> dict[str, Any]:
-    """The replayable recipe document of ``trial`` (see the module docstring)."""
+def _adapter_entries(items: list[Any]) -> list[dict[str, str]]:
+    from optimizer.adapters.lora import _sha256
+
+    return [{"name": item.resolved_name, "path": str(item.path), "sha256": _sha256(Path(item.path))} for item in items]
+
+
+def recipe_document(
+    *, study: optuna.Study, trial: optuna.trial.FrozenTrial, parents: LoadedParents, config: StudyConfig | None = None
+) -> dict[str, Any]:
+    """The replayable recipe document of ``trial`` (see the module docstring); with ``config``, also
+    the technique, the LoRA and hypernetwork files (sha256) and the recalibration settings."""
     recipe = MergeRecipe.model_validate(trial.user_attrs["recipe"])
     layout = parents.bank.layout
     doc: dict[str, Any] = {
@@ -105,6 +114,14 @@ def recipe_document(*, study: optuna.Study, trial: optuna.trial.FrozenTrial, par
         "recipe": recipe.model_dump(mode="json"),
         "mbw": {p: recipe.to_mbw(layout=layout, param=p) for p in recipe.params},
     }
+    if config is not None:
+        doc["technique"] = config.technique
+        if config.loras:
+            doc["loras"] = _adapter_entries(config.loras)
+        if config.hypernetworks:
+            doc["hypernetworks"] = _adapter_entries(config.hypernetworks)
+        if config.recalibrate is not None:
+            doc["recalibrate"] = config.recalibrate.model_dump(mode="json")
     held = study.user_attrs.get(HELD_OUT_ATTR, {}).get(str(trial.number))
     if held is not None:
         doc["held_out"] = held
@@ -150,8 +167,14 @@ def export_trial(
     output: str | os.PathLike[str],
     parents: LoadedParents | None = None,
     overwrite: bool = False,
+    runner: Any = None,
 ) -> Path:
-    """Write ``trial`` as ``output_format`` to ``output`` (atomically) and return the path."""
+    """Write ``trial`` as ``output_format`` to ``output`` (atomically) and return the path.
+
+    Merged weights include the trial's LoRAs and, for a study that recalibrates, the recalibrated
+    norms (replayed through ``runner``, or a runner built here). Hypernetworks are not weights of
+    the checkpoint: their strengths are in the recipe (and the safetensors metadata); apply them
+    with the files named in the recipe document. An output ensemble is refused (not one checkpoint)."""
     if output_format not in FORMATS:
         raise ExportError(f"unknown format {output_format!r}; use {', '.join(FORMATS)}")
     output = Path(output)
@@ -163,7 +186,7 @@ def export_trial(
         from optimizer.study.runner import default_dtype
 
         parents = load_parents(paths=config.parents, device=config.device, dtype=default_dtype(config))
-    doc = recipe_document(study=study, trial=trial, parents=parents)
+    doc = recipe_document(study=study, trial=trial, parents=parents, config=config)
     for i, (path, listed) in enumerate(zip(config.parents, doc["parents"], strict=True)):
         if Path(path).resolve() != Path(listed["path"]).resolve():
             raise ExportError(f"parent {i}: the study file names {path}, loaded {listed['path']}")
@@ -174,12 +197,39 @@ def export_trial(
         lines += [f"{param}: {value}" for param, value in doc["mbw"].items()]
         return _atomic_text(output, "\n".join(lines) + "\n")
     recipe = MergeRecipe.model_validate(doc["recipe"])
+    if config.technique == "output_ensemble":
+        raise ExportError(
+            "an output ensemble runs every parent at each sampler step: it is not one checkpoint; export --format recipe"
+        )
     config_dir = None
     if output_format == "diffusers":
         from optimizer.study.pipeline import render_config_dir
 
         config_dir = render_config_dir(parents, config_dir=config.config_dir)
-    return merge_to_file(parents=parents, recipe=recipe, output=output, output_format=output_format, config_dir=config_dir, overwrite=overwrite)
+    if config.recalibrate is not None:
+        # the recalibrated norms depend on the pipeline and the calibration batch: replay the study's own steps
+        if runner is None:
+            from optimizer.study.runner import StudyRunner
+            from optimizer.study.storage import StudyFolder
+
+            with tempfile.TemporaryDirectory() as scratch:
+                runner = StudyRunner(config, folder=StudyFolder(Path(scratch)))
+        runner.prepare(recipe)
+        state = runner.merger.state_dict()
+    elif config.loras:
+        from optimizer.adapters.lora import load_loras
+        from optimizer.merge import Merger
+        from optimizer.study.pipeline import unet_config
+
+        loras = load_loras([(l.resolved_name, l.path) for l in config.loras], bank=parents.bank,
+                           unet_config=unet_config(parents, config_dir=config.config_dir))
+        merger = Merger(parents.bank, loras=loras)
+        merger.merge(recipe)
+        state = merger.state_dict()
+    else:
+        return merge_to_file(parents=parents, recipe=recipe, output=output, output_format=output_format, config_dir=config_dir, overwrite=overwrite)
+    return write_merged(state_dict=state, parents=parents, recipe=recipe, output=output, output_format=output_format,
+                        config_dir=config_dir, overwrite=overwrite)
 
 
 def held_out_table(study: optuna.Study) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from optimizer.checkpoint.keymap import ldm_to_diffusers
 from optimizer.merge import Merger
 from optimizer.merge_files import LoadedParents
 
-__all__ = ["BindingError", "bound_pipeline", "render_config_dir"]
+__all__ = ["BindingError", "bound_pipeline", "parent_pipeline", "render_config_dir", "unet_config"]
 
 
 class BindingError(RuntimeError):
@@ -52,6 +52,22 @@ def _pipeline_class(architecture: str):
 
 def bound_pipeline(*, merger: Merger, parents: LoadedParents, config_dir: str | os.PathLike[str] | None = None):
     """The first parent's pipeline with its weights bound to ``merger``'s output (see module docstring)."""
+    return _bind(views=merger.state_dict(), buffer=merger.output, parents=parents, config_dir=config_dir)
+
+
+def parent_pipeline(*, parents: LoadedParents, index: int, config_dir: str | os.PathLike[str] | None = None):
+    """A pipeline whose weights are views of parent ``index``'s buffer in the bank (no copy): for
+    output ensembles, which run the parents side by side. Do not modify its weights."""
+    bank = parents.bank
+    if not 0 <= index < bank.n_parents:
+        raise BindingError(f"parent index {index} out of range (the bank holds {bank.n_parents})")
+    buffer = bank.buffers[index]
+    views = {span.key: span.view(buffer) for span in bank.spans}
+    views.update(bank.passthrough)
+    return _bind(views=views, buffer=buffer, parents=parents, config_dir=config_dir)
+
+
+def _bind(*, views, buffer: torch.Tensor, parents: LoadedParents, config_dir: str | os.PathLike[str] | None):
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # per-component "Loading ..." bars and dtype notes
@@ -65,10 +81,9 @@ def bound_pipeline(*, merger: Merger, parents: LoadedParents, config_dir: str | 
         pipe = cls.from_pretrained(str(first.path), local_files_only=True, torch_dtype=dtype, safety_checker=None)
     else:
         pipe = cls.from_single_file(str(first.path), config=str(folder), local_files_only=True, torch_dtype=dtype)
-    weights = ldm_to_diffusers(state_dict=merger.state_dict(), architecture=layout.name, config_dir=folder)
-    output = merger.output
-    low = output.data_ptr()
-    high = low + output.numel() * output.element_size()
+    weights = ldm_to_diffusers(state_dict=views, architecture=layout.name, config_dir=folder)
+    low = buffer.data_ptr()
+    high = low + buffer.numel() * buffer.element_size()
     for name, state in weights.items():
         module = getattr(pipe, name, None)
         if module is None:
@@ -88,3 +103,11 @@ def bound_pipeline(*, merger: Merger, parents: LoadedParents, config_dir: str | 
     return pipe
 
 
+def unet_config(parents: LoadedParents, *, config_dir: str | os.PathLike[str] | None = None) -> dict:
+    """The UNet config of the render config folder (for mapping LoRA module names)."""
+    import json
+
+    path = render_config_dir(parents, config_dir=config_dir) / "unet" / "config.json"
+    if not path.is_file():
+        raise BindingError(f"no UNet config at {path}")
+    return json.loads(path.read_text(encoding="utf-8"))

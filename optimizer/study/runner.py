@@ -41,7 +41,9 @@ from optimizer.render.grid import grid_png
 from optimizer.render.prompts import Split, load_prompt_set
 from optimizer.render.renderer import RenderError, Renderer
 from optimizer.study.config import StudyConfig, StudyConfigError
-from optimizer.study.pipeline import bound_pipeline
+from optimizer.study.pipeline import bound_pipeline, unet_config
+from optimizer.adapters.lbw import parse_lbw
+from optimizer.adapters.lora import load_loras
 from optimizer.study.samplers import make_pruner, make_sampler, process_seed
 from optimizer.study.space import BoundSpace, bind_space, suggest_recipe, warm_start_params
 from optimizer.study.storage import CONFIG_ATTR, StudyFolder, open_storage
@@ -79,19 +81,50 @@ class StudyRunner:
         layout = self.parents.bank.layout
         if config.architecture not in ("auto", layout.name):
             raise StudyConfigError(f"architecture: the study says {config.architecture}, the parents are {layout.name}")
+        folder_unet = unet_config(self.parents, config_dir=config.config_dir)
+        self.loras = load_loras([(l.resolved_name, l.path) for l in config.loras], bank=self.parents.bank, unet_config=folder_unet)
+        lbw = [parse_lbw(c.lbw, layout=layout, touched=l.blocks) if c.lbw else None for c, l in zip(config.loras, self.loras, strict=True)]
         self.space: BoundSpace = bind_space(
             config.search_space, layout=layout, method=config.method, n_parents=self.parents.bank.n_parents,
             seed=config.seed, merge_vae=config.merge_vae,
+            loras=[(c.resolved_name, c.strength, l.blocks, f) for c, l, f in zip(config.loras, self.loras, lbw, strict=True)],
+            hypernetworks=[(h.resolved_name, h.strength) for h in config.hypernetworks],
         )
-        self.merger = Merger(self.parents.bank)
-        pipe = bound_pipeline(merger=self.merger, parents=self.parents, config_dir=config.config_dir)
-        if config.render.decoder == "taesd":
-            from optimizer.render.taesd import load_taesd, swap_decoder
+        self.merger: Merger | None = None
+        self.ensemble = None
+        if config.technique == "output_ensemble":
+            from optimizer.render.ensemble import ensemble_pipeline
+            from optimizer.study.pipeline import parent_pipeline
 
-            variant = "sdxl" if layout.name == "sdxl" else "sd"
-            tiny = load_taesd(directory=config.render.taesd, variant=variant, dtype=self.parents.bank.dtype, device=self.parents.bank.device)
-            pipe = swap_decoder(pipe, tiny)
+            members = [parent_pipeline(parents=self.parents, index=i, config_dir=config.config_dir) for i in range(self.parents.bank.n_parents)]
+            pipe = ensemble_pipeline(pipes=members, weights=[1.0] + [0.0] * (len(members) - 1))
+            self.ensemble = pipe.unet
+            unets = list(self.ensemble.members)
+        else:
+            self.merger = Merger(self.parents.bank, loras=self.loras)
+            pipe = bound_pipeline(merger=self.merger, parents=self.parents, config_dir=config.config_dir)
+            unets = [pipe.unet]
+        self.hypernetworks = None
+        if config.hypernetworks:
+            from optimizer.adapters.hypernetwork import HypernetworkStack, install_hypernetworks, load_hypernetwork
+
+            bank = self.parents.bank
+            stack = HypernetworkStack([load_hypernetwork(h.path, device=bank.device, dtype=bank.dtype) for h in config.hypernetworks])
+            for h, loaded in zip(config.hypernetworks, stack, strict=True):
+                loaded.name = h.resolved_name
+            stack.set_strengths([0.0] * len(stack))
+            for unet in unets:
+                install_hypernetworks(unet, stack)
+            self.hypernetworks = stack
         self.prompt_set = load_prompt_set(config.prompts)
+        self.recalibrator = None
+        if config.recalibrate is not None:
+            from optimizer.study.recalibration import StudyRecalibrator
+
+            assert self.merger is not None
+            self.recalibrator = StudyRecalibrator(
+                pipe=pipe, merger=self.merger, prompts=[p.prompt for p in self.prompt_set.prompts("search")], config=config.recalibrate
+            )
         self.renderer = Renderer(pipe, prompt_set=self.prompt_set, batch_size=config.render.batch_size)
         device = str(self.parents.bank.device)
         self.objectives: list[Objective] = build_objectives(
@@ -170,13 +203,39 @@ class StudyRunner:
         trial.set_user_attr("grid_artifact", artifact_id)
         trial.set_user_attr("grid_prompts", prompts)
 
+    def prepare(self, recipe: MergeRecipe) -> dict[str, float]:
+        """Make the pipeline render ``recipe``: merge (LoRAs added in the kernel), or set the output
+        ensemble's weights; recalibrate the norms (before LoRAs: the correction is the merge's);
+        set the hypernetworks' strengths. Returns seconds per step."""
+        seconds: dict[str, float] = {}
+        if self.ensemble is not None:
+            alpha = recipe.params["alpha"][self.space.layout.blocks[0]]
+            self.ensemble.set_weights([1.0 - alpha, alpha])
+        elif self.recalibrator is not None:
+            stats = self.merger.merge(recipe.model_copy(update={"loras": {}}))
+            seconds["merge"] = stats.seconds
+            if self.hypernetworks is not None:
+                self.hypernetworks.set_strengths([0.0] * len(self.hypernetworks))
+            seconds["recalibrate"] = self.recalibrator.apply(recipe).seconds
+            if recipe.loras:
+                self.merger._check_loras(recipe)
+                seconds["lora"] = self.merger.loras.apply(recipe.loras).seconds
+        else:
+            stats = self.merger.merge(recipe)
+            seconds["merge"] = stats.seconds
+            if stats.lora_layers:
+                seconds["lora"] = stats.lora_seconds
+        if self.hypernetworks is not None:
+            self.hypernetworks.set_strengths({h.name: recipe.hypernetworks.get(h.name, 0.0) for h in self.hypernetworks})
+        return seconds
+
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         started = time.perf_counter()
         recipe = suggest_recipe(trial, self.space)
         trial.set_user_attr("recipe", recipe.model_dump(mode="json"))
         trial.set_user_attr("mbw", {p: recipe.to_mbw(layout=self.space.layout, param=p) for p in recipe.params})
         try:
-            stats = self.merger.merge(recipe)
+            prepared = self.prepare(recipe)
             values, info = self._render_and_score("search", trial)
         except optuna.TrialPruned:
             raise
@@ -186,7 +245,7 @@ class StudyRunner:
         names = [o.name for o in self.objectives]
         trial.set_user_attr("values", dict(zip(names, values, strict=True)))
         trial.set_user_attr(
-            "seconds", {"merge": stats.seconds, "render": info["render"], "score": info["score"], "total": time.perf_counter() - started}
+            "seconds", {**prepared, "render": info["render"], "score": info["score"], "total": time.perf_counter() - started}
         )
         trial.set_user_attr("images", info["images"])
         if info["grid"] is not None:
@@ -199,7 +258,7 @@ class StudyRunner:
         """Objective values of ``recipe`` on ``split`` (held-out prompts by default), plus ``score``."""
         if not self.prompt_set.prompts(split):
             raise StudyConfigError(f"prompts: the prompt set has no {split} prompts")
-        self.merger.merge(recipe)
+        self.prepare(recipe)
         values, _ = self._render_and_score(split)
         out = {o.name: v for o, v in zip(self.objectives, values, strict=True)}
         out["score"] = self._combine(values)

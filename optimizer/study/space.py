@@ -5,7 +5,9 @@ builds a :class:`~optimizer.merge.MergeRecipe`, so ``optuna.trial.FixedTrial(tri
 replays any trial's recipe exactly.
 
 Optuna parameter names: ``<param>`` for a global value, ``<param>.<BLOCK>`` for one block,
-``<param>.<GROUP>`` for a group of tied blocks. Blocks that are neither searched nor fixed do not
+``<param>.<GROUP>`` for a group of tied blocks; LoRA strengths ``lora.<name>`` (or
+``lora.<name>.<BLOCK>`` / ``.<GROUP>``, over the blocks the LoRA touches, times its LBW factors);
+hypernetwork strengths ``hypernetwork.<name>``. Blocks that are neither searched nor fixed do not
 exist: every block is covered (per block, by a group, by ``fixed``, or by the global value).
 Method parameters with no entry in the search space take the method's default in every block.
 """
@@ -13,7 +15,7 @@ Method parameters with no entry in the search space take the method's default in
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from optimizer.architectures.layout import BlockLayout
 from optimizer.architectures.mbw import parse_mbw
@@ -21,6 +23,11 @@ from optimizer.merge import MergeRecipe, get_method
 from optimizer.study.config import ParamSpace, StudyConfigError, WarmStart
 
 __all__ = ["BoundSpace", "Dimension", "bind_space", "suggest_recipe", "warm_start_params"]
+
+LORA_PREFIX = "lora."
+HYPERNETWORK_PREFIX = "hypernetwork."
+#: the one pseudo-block of a hypernetwork's strength
+HYPERNETWORK_BLOCK = "ALL"
 
 
 @dataclass(frozen=True)
@@ -47,16 +54,82 @@ class BoundSpace:
     merge_vae: bool
     dimensions: tuple[Dimension, ...]
     constants: Mapping[str, Mapping[str, float]]  # param -> block -> value (fixed or method default)
+    lora_factors: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # LoRA -> touched block -> LBW factor
+    hypernetworks: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:
         return [d.name for d in self.dimensions]
 
 
+def _bind_param(
+    param: str, spec: ParamSpace, *, blocks: tuple[str, ...], where: str, layout_name: str, check
+) -> tuple[list[Dimension], dict[str, float] | None]:
+    """Dimensions and constants (``{block: value}``, or ``None``) of one searched value over ``blocks``."""
+    if spec.value is not None:
+        check(spec.value, "value")
+        return [], dict.fromkeys(blocks, float(spec.value))
+    check(spec.low, "low")
+    check(spec.high, "high")
+    owner: dict[str, str] = {}
+    for group, members in spec.groups.items():
+        if group in blocks:
+            raise StudyConfigError(f"{where}.groups.{group}: a group may not be named like a block")
+        for block in members:
+            if block not in blocks:
+                raise StudyConfigError(f"{where}.groups.{group}: unknown block {block!r} for {layout_name} ({', '.join(blocks)})")
+            if block in owner:
+                raise StudyConfigError(f"{where}.groups.{group}: block {block} is already in group {owner[block]}")
+            owner[block] = group
+    fixed: dict[str, float] = {}
+    for name, value in spec.fixed.items():
+        check(value, f"fixed.{name}")
+        members = spec.groups.get(name, [name] if name in blocks else None)
+        if members is None:
+            raise StudyConfigError(f"{where}.fixed.{name}: not a block of {layout_name} or a group of this parameter")
+        if name in blocks and name in owner:
+            raise StudyConfigError(f"{where}.fixed.{name}: block {name} is in group {owner[name]}; fix the group instead")
+        for block in members:
+            fixed[block] = float(value)
+    free = [b for b in blocks if b not in fixed]
+    dimensions: list[Dimension] = []
+    if spec.share == "global":
+        if free:
+            dimensions.append(Dimension(param, param, tuple(free), spec.low, spec.high, spec.step, spec.log))
+        return dimensions, fixed or None
+    emitted: set[str] = set()
+    for block in free:
+        group = owner.get(block)
+        if group is None:
+            dimensions.append(Dimension(f"{param}.{block}", param, (block,), spec.low, spec.high, spec.step, spec.log))
+        elif group not in emitted:
+            emitted.add(group)
+            members = tuple(b for b in blocks if owner.get(b) == group)
+            dimensions.append(Dimension(f"{param}.{group}", param, members, spec.low, spec.high, spec.step, spec.log))
+    return dimensions, fixed or None
+
+
+def _no_range(value: float, field: str) -> None:
+    return None
+
+
 def bind_space(
-    space: Mapping[str, ParamSpace], *, layout: BlockLayout, method: str, n_parents: int, seed: int = 0, merge_vae: bool = False
+    space: Mapping[str, ParamSpace],
+    *,
+    layout: BlockLayout,
+    method: str,
+    n_parents: int,
+    seed: int = 0,
+    merge_vae: bool = False,
+    loras: Sequence[tuple[str, ParamSpace, Sequence[str], Mapping[str, float] | None]] = (),
+    hypernetworks: Sequence[tuple[str, ParamSpace]] = (),
 ) -> BoundSpace:
-    """Check ``space`` against ``layout`` and ``method``; errors name ``search_space.<param>...``."""
+    """Check ``space`` against ``layout`` and ``method``; errors name ``search_space.<param>...``.
+
+    ``loras``: ``(name, strength space, blocks the LoRA touches, LBW factors or None)``; their
+    dimensions are ``lora.<name>`` (global), ``lora.<name>.<BLOCK>`` or ``lora.<name>.<GROUP>``.
+    ``hypernetworks``: ``(name, strength space)``; dimension ``hypernetwork.<name>``.
+    """
     merge_method = get_method(method)
     wanted = merge_method.param_names(n_parents)
     blocks = tuple(layout.blocks)
@@ -68,58 +141,35 @@ def bind_space(
             raise StudyConfigError(f"{where}: {method} with {n_parents} parents has no parameter {param!r}; it takes {', '.join(wanted)}")
         allowed = merge_method.ranges.get(param)
 
-        def check(value: float, field: str, *, _allowed=allowed, _where=where) -> None:
+        def check(value: float, field: str, *, _allowed=allowed, _where=where, _param=param) -> None:
             if _allowed is not None and not _allowed.contains(float(value)):
-                raise StudyConfigError(f"{_where}.{field}: {param} must be {_allowed.describe()}, got {value}")
+                raise StudyConfigError(f"{_where}.{field}: {_param} must be {_allowed.describe()}, got {value}")
 
-        if spec.value is not None:
-            check(spec.value, "value")
-            constants[param] = dict.fromkeys(blocks, float(spec.value))
-            continue
-        check(spec.low, "low")
-        check(spec.high, "high")
-        owner: dict[str, str] = {}
-        for group, members in spec.groups.items():
-            if group in blocks:
-                raise StudyConfigError(f"{where}.groups.{group}: a group may not be named like a block")
-            for block in members:
-                if block not in blocks:
-                    raise StudyConfigError(f"{where}.groups.{group}: unknown block {block!r} for {layout.name} ({', '.join(blocks)})")
-                if block in owner:
-                    raise StudyConfigError(f"{where}.groups.{group}: block {block} is already in group {owner[block]}")
-                owner[block] = group
-        fixed: dict[str, float] = {}
-        for name, value in spec.fixed.items():
-            check(value, f"fixed.{name}")
-            members = spec.groups.get(name, [name] if name in blocks else None)
-            if members is None:
-                raise StudyConfigError(f"{where}.fixed.{name}: not a block of {layout.name} or a group of this parameter")
-            if name in blocks and name in owner:
-                raise StudyConfigError(f"{where}.fixed.{name}: block {name} is in group {owner[name]}; fix the group instead")
-            for block in members:
-                fixed[block] = float(value)
+        dims, fixed = _bind_param(param, spec, blocks=blocks, where=where, layout_name=layout.name, check=check)
+        dimensions += dims
         if fixed:
             constants[param] = fixed
-        free = [b for b in blocks if b not in fixed]
-        if spec.share == "global":
-            if free:
-                dimensions.append(Dimension(param, param, tuple(free), spec.low, spec.high, spec.step, spec.log))
-            continue
-        emitted: set[str] = set()
-        for block in free:
-            group = owner.get(block)
-            if group is None:
-                dimensions.append(Dimension(f"{param}.{block}", param, (block,), spec.low, spec.high, spec.step, spec.log))
-            elif group not in emitted:
-                emitted.add(group)
-                members = tuple(b for b in blocks if owner.get(b) == group)
-                dimensions.append(Dimension(f"{param}.{group}", param, members, spec.low, spec.high, spec.step, spec.log))
     for param in wanted:
         if param not in space:
             constants[param] = dict.fromkeys(blocks, float(merge_method.params[param]))
+    lora_factors: dict[str, dict[str, float]] = {}
+    for i, (name, spec, touched, lbw) in enumerate(loras):
+        param = f"{LORA_PREFIX}{name}"
+        dims, fixed = _bind_param(param, spec, blocks=tuple(touched), where=f"loras[{i}].strength", layout_name=layout.name, check=_no_range)
+        dimensions += dims
+        if fixed:
+            constants[param] = fixed
+        lora_factors[name] = {b: float(lbw[b]) if lbw is not None else 1.0 for b in touched}
+    for i, (name, spec) in enumerate(hypernetworks):
+        param = f"{HYPERNETWORK_PREFIX}{name}"
+        dims, fixed = _bind_param(param, spec, blocks=(HYPERNETWORK_BLOCK,), where=f"hypernetworks[{i}].strength", layout_name=layout.name, check=_no_range)
+        dimensions += dims
+        if fixed:
+            constants[param] = fixed
     return BoundSpace(
         layout=layout, method=method, n_parents=n_parents, seed=seed, merge_vae=merge_vae,
         dimensions=tuple(dimensions), constants={k: dict(v) for k, v in constants.items()},
+        lora_factors=lora_factors, hypernetworks=tuple(name for name, _ in hypernetworks),
     )
 
 
@@ -132,7 +182,14 @@ def suggest_recipe(trial, space: BoundSpace) -> MergeRecipe:
         for block in dim.blocks:
             target[block] = float(value)
     ordered = {p: {b: params[p][b] for b in space.layout.blocks} for p in get_method(space.method).param_names(space.n_parents)}
-    return MergeRecipe(method=space.method, params=ordered, seed=space.seed, merge_vae=space.merge_vae)
+    loras = {
+        name: {b: params[f"{LORA_PREFIX}{name}"][b] * factor for b, factor in factors.items()}
+        for name, factors in space.lora_factors.items()
+    }
+    hypernetworks = {name: params[f"{HYPERNETWORK_PREFIX}{name}"][HYPERNETWORK_BLOCK] for name in space.hypernetworks}
+    return MergeRecipe(
+        method=space.method, params=ordered, seed=space.seed, merge_vae=space.merge_vae, loras=loras, hypernetworks=hypernetworks
+    )
 
 
 def _clip(value: float, dim: Dimension, what: str) -> float:

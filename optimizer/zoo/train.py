@@ -206,8 +206,12 @@ def _train_diffusion(
     train_text_encoder: bool,
     desc: str,
     progress: bool,
+    trainable: Sequence[torch.nn.Parameter] | None = None,
 ) -> None:
     """Train ``unet`` (and ``text_encoder`` when asked) in place for epsilon prediction.
+
+    ``trainable``: train only these parameters (a LoRA's factors, a hypernetwork's layers; they may
+    live outside ``unet`` as long as its forward uses them), the UNet's own weights frozen.
 
     The per-sample MSE is weighted by ``min(SNR, SNR_GAMMA) / SNR`` (Min-SNR weighting, Hang et al.
     2023) unless :data:`SNR_GAMMA` is ``None``: low-noise steps weigh less, and shapes are learnt sooner.
@@ -221,9 +225,12 @@ def _train_diffusion(
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     vae.eval().requires_grad_(False)
-    unet.train().requires_grad_(True)
+    unet.train().requires_grad_(trainable is None)
     text_encoder.train(train_text_encoder).requires_grad_(train_text_encoder)
-    groups = [{"params": list(unet.parameters()), "lr": lr}]
+    if trainable is not None:
+        for p in trainable:
+            p.requires_grad_(True)
+    groups = [{"params": list(unet.parameters()) if trainable is None else list(trainable), "lr": lr}]
     if train_text_encoder:
         groups.append({"params": list(text_encoder.parameters()), "lr": lr * TEXT_ENCODER_LR_SCALE})
     params = [p for group in groups for p in group["params"]]

@@ -1,0 +1,292 @@
+"""LoRAs mapped onto a checkpoint's LDM keys, and applied in place after a merge.
+
+:func:`load_lora` reads a file of any format of :mod:`optimizer.adapters.lora_format`, maps every
+adapted module onto one LDM key of the parents (``model.diffusion_model.input_blocks.1.1...to_k.weight``,
+``cond_stage_model.transformer.text_model...k_proj.weight``) and checks the shapes. A module that
+does not map is an error that names it: nothing of a LoRA is silently dropped.
+
+:class:`LoraSet` holds the factors of several LoRAs on the merge device (built once per study).
+:meth:`LoraSet.apply` adds, for each LoRA ``l`` and each adapted weight ``W`` owned by MBW block ``b``::
+
+    W += strength[l][b] * (alpha_l / rank_l) * up_l @ down_l
+
+in place, one ``addmm_`` per adapted weight (no temporary the size of the model). Because the merge
+kernel rewrites every block from the parents on each merge, applying after the merge never
+accumulates across trials. ``strength`` per block is the "LoRA block weight" of the webui
+extension (:mod:`optimizer.adapters.lbw`); a global strength is the same value in every block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimizer.adapters.lora_format import LoraError, LoraFactors, parse_lora, read_lora_file
+from optimizer.architectures.layout import BlockLayout
+
+__all__ = [
+    "Lora", "LoraApplyStats", "LoraLayer", "LoraSet", "LoraTargets", "load_lora", "load_loras", "lora_targets", "targets_for_bank",
+    "uniform_strengths",
+]
+
+UNET_PREFIX = "model.diffusion_model."
+#: architecture -> [(component, LDM prefix of an HF CLIP text tower, kohya prefix)]
+_TEXT_TOWERS: dict[str, list[tuple[str, str, str]]] = {
+    "sd1": [("text_encoder", "cond_stage_model.transformer.", "lora_te_")],
+    "sd2": [],  # OpenCLIP tower: q/k/v live in one in_proj tensor
+    "sdxl": [("text_encoder", "conditioner.embedders.0.transformer.", "lora_te1_")],
+}
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """``(component, module) -> LDM weight key`` for every module a LoRA may adapt in one model."""
+
+    architecture: str
+    index: Mapping[tuple[str, str], str]
+    shapes: Mapping[str, tuple[int, ...]]
+
+    def resolve(self, layer: LoraFactors) -> str | None:
+        return self.index.get((layer.component, layer.module))
+
+
+def _kohya(prefix: str, module: str) -> str:
+    return prefix + module.replace(".", "_")
+
+
+def lora_targets(*, architecture: str, shapes: Mapping[str, Sequence[int]], unet_config: Mapping[str, Any]) -> LoraTargets:
+    """The target index of a model with LDM keys ``shapes`` (key -> shape) and this UNet config.
+
+    Aliases of each weight: the diffusers module path (``down_blocks.0.attentions.0...to_k``), the
+    LDM module path (``input_blocks.1.1...to_k``), both as kohya names (``lora_unet_`` + dots as
+    underscores), and for an HF CLIP text tower its module path with and without ``text_model.``
+    and the kohya ``lora_te_`` / ``lora_te1_`` name.
+    """
+    from optimizer.checkpoint.keymap import _empty_model, _unet_mapper
+
+    shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+    index: dict[tuple[str, str], str] = {}
+    mapper = _unet_mapper(unet_config)
+    for key in _empty_model("unet", unet_config).state_dict():
+        if not key.endswith(".weight"):
+            continue
+        ldm = UNET_PREFIX + mapper(key)
+        if ldm not in shapes:
+            continue
+        diffusers_module = key[: -len(".weight")]
+        ldm_module = ldm[len(UNET_PREFIX) : -len(".weight")]
+        for module in (diffusers_module, ldm_module):
+            index[("unet", module)] = ldm
+            index[("kohya", _kohya("lora_unet_", module))] = ldm
+    for component, prefix, kohya_prefix in _TEXT_TOWERS.get(architecture, []):
+        for ldm in shapes:
+            if not (ldm.startswith(prefix) and ldm.endswith(".weight")):
+                continue
+            module = ldm[len(prefix) : -len(".weight")]
+            short = module[len("text_model.") :] if module.startswith("text_model.") else module
+            index[(component, module)] = ldm
+            index[(component, short)] = ldm
+            index[("kohya", _kohya(kohya_prefix, module))] = ldm
+            index[("kohya", _kohya(kohya_prefix, short))] = ldm
+    return LoraTargets(architecture=architecture, index=index, shapes=shapes)
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One adapted weight: ``target += strength * scale * up @ down`` (``up``/``down`` as matrices)."""
+
+    target: str
+    block: str
+    up: Tensor  # [out, rank]
+    down: Tensor  # [rank, in * kh * kw]
+    scale: float
+
+
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA mapped onto one model: its layers, the blocks it touches, and its provenance."""
+
+    name: str
+    path: Path
+    sha256: str
+    format: str
+    layers: tuple[LoraLayer, ...]
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        """The MBW blocks with at least one adapted weight, in first-seen order."""
+        return tuple(dict.fromkeys(layer.block for layer in self.layers))
+
+    @property
+    def rank(self) -> int:
+        return max((layer.up.shape[1] for layer in self.layers), default=0)
+
+    def to(self, *, device: torch.device | str, dtype: torch.dtype) -> Lora:
+        layers = tuple(
+            LoraLayer(target=l.target, block=l.block, up=l.up.to(device=device, dtype=dtype), down=l.down.to(device=device, dtype=dtype), scale=l.scale)
+            for l in self.layers
+        )
+        return Lora(name=self.name, path=self.path, sha256=self.sha256, format=self.format, layers=layers)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _map_layer(layer: LoraFactors, *, targets: LoraTargets, layout: BlockLayout, source: str) -> LoraLayer:
+    target = targets.resolve(layer)
+    if target is None:  # the caller collects these
+        raise KeyError(layer.source_key)
+    shape = targets.shapes[target]
+    out_features, in_numel = int(layer.up.shape[0]), int(layer.down[0].numel())
+    if shape[0] != out_features or int(torch.Size(shape).numel()) != out_features * in_numel:
+        raise LoraError(
+            f"{source}: {layer.source_key}: the LoRA makes a {out_features} x {in_numel} update, "
+            f"but {target} has shape {tuple(shape)} (a LoRA for another architecture?)"
+        )
+    return LoraLayer(
+        target=target,
+        block=layout.owner_of(target),
+        up=layer.up.reshape(out_features, -1).float(),
+        down=layer.down.reshape(layer.down.shape[0], -1).float(),
+        scale=layer.scale,
+    )
+
+
+def load_lora(
+    path: str | os.PathLike[str], *, targets: LoraTargets, layout: BlockLayout, name: str | None = None
+) -> Lora:
+    """Read ``path`` and map every adapted module onto ``targets`` (factors kept in float32 on CPU).
+
+    Raises :class:`~optimizer.adapters.lora_format.LoraError` naming the first unmapped modules (with
+    their count), a shape that does not fit, or an unsupported format.
+    """
+    path = Path(path)
+    tensors, metadata = read_lora_file(path)
+    parsed = parse_lora(tensors, metadata, source=str(path))
+    layers: list[LoraLayer] = []
+    unmapped: list[str] = []
+    for layer in parsed.layers:
+        try:
+            layers.append(_map_layer(layer, targets=targets, layout=layout, source=str(path)))
+        except KeyError:
+            unmapped.append(layer.source_key)
+    if unmapped:
+        hint = ""
+        if targets.architecture in ("sd2", "sdxl") and any("te" in k.split(".")[0] or "text_encoder" in k for k in unmapped):
+            hint = " (LoRAs of OpenCLIP text towers are not supported)"
+        raise LoraError(
+            f"{path}: {len(unmapped)} of {len(parsed.layers)} LoRA modules do not map onto this {targets.architecture} model{hint}, "
+            f"e.g. {unmapped[:3]}"
+        )
+    seen: dict[str, str] = {}
+    for layer, parsed_layer in zip(layers, parsed.layers, strict=True):
+        if layer.target in seen:
+            raise LoraError(f"{path}: {seen[layer.target]!r} and {parsed_layer.source_key!r} adapt the same weight {layer.target}")
+        seen[layer.target] = parsed_layer.source_key
+    return Lora(name=name or path.stem, path=path, sha256=_sha256(path), format=parsed.format, layers=tuple(layers))
+
+
+@dataclass(frozen=True)
+class LoraApplyStats:
+    seconds: float
+    layers: int  # adapted weights updated (non-zero strength)
+
+
+class LoraSet:
+    """Several LoRAs resident on the merge device, applied in place by :meth:`apply`.
+
+    ``views``: ``{LDM key: tensor}`` to update (the merge kernel's output views); every target of
+    every LoRA must be there, with the LoRA's shape. Factors are kept in the views' dtype, except
+    half precision on CPU, where the update is computed in float32 and rounded once.
+    """
+
+    def __init__(self, loras: Sequence[Lora], *, views: Mapping[str, Tensor]) -> None:
+        names = [l.name for l in loras]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise LoraError(f"LoRA names must be unique; {duplicates} appear more than once")
+        self.views = views
+        first = next(iter(views.values()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        dtype = first.dtype if first is not None else torch.float32
+        self._upcast = device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        factor_dtype = torch.float32 if self._upcast else dtype
+        for lora in loras:
+            for layer in lora.layers:
+                if layer.target not in views:
+                    raise LoraError(f"LoRA {lora.name!r}: {layer.target} is not a weight of the merged model")
+        self.loras: dict[str, Lora] = {l.name: l.to(device=device, dtype=factor_dtype) for l in loras}
+
+    def __repr__(self) -> str:
+        return f"LoraSet({', '.join(f'{n} ({len(l.layers)} layers)' for n, l in self.loras.items())})"
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.loras)
+
+    def blocks(self, name: str) -> tuple[str, ...]:
+        return self.loras[name].blocks
+
+    def check(self, strengths: Mapping[str, Mapping[str, float]]) -> None:
+        """Raise :class:`LoraError` unless ``strengths`` names only loaded LoRAs and gives a finite
+        value for every block each of them touches."""
+        for name, per_block in strengths.items():
+            if name not in self.loras:
+                raise LoraError(f"the recipe names LoRA {name!r}; loaded: {', '.join(self.loras) or 'none'}")
+            missing = [b for b in self.loras[name].blocks if b not in per_block]
+            if missing:
+                raise LoraError(f"the recipe gives LoRA {name!r} no strength for block(s) {missing}")
+            bad = {b: v for b, v in per_block.items() if not torch.isfinite(torch.tensor(float(v)))}
+            if bad:
+                raise LoraError(f"LoRA {name!r}: strengths must be finite, got {bad}")
+
+    def apply(self, strengths: Mapping[str, Mapping[str, float]]) -> LoraApplyStats:
+        """Add every named LoRA with its per-block strengths (see the module docstring)."""
+        self.check(strengths)
+        started = time.perf_counter()
+        updated = 0
+        with torch.no_grad():
+            for name, per_block in strengths.items():
+                for layer in self.loras[name].layers:
+                    weight = float(per_block[layer.block]) * layer.scale
+                    if weight == 0.0:
+                        continue
+                    view = self.views[layer.target]
+                    matrix = view.view(view.shape[0], -1)
+                    if self._upcast:
+                        matrix.add_((layer.up @ layer.down).mul_(weight).to(matrix.dtype))
+                    else:
+                        matrix.addmm_(layer.up, layer.down, alpha=weight)
+                    updated += 1
+        return LoraApplyStats(seconds=time.perf_counter() - started, layers=updated)
+
+
+def uniform_strengths(loras: Iterable[Lora], strength: float) -> dict[str, dict[str, float]]:
+    """``{name: {block: strength}}`` for every block each LoRA touches."""
+    return {l.name: dict.fromkeys(l.blocks, float(strength)) for l in loras}
+
+
+def targets_for_bank(bank: Any, *, unet_config: Mapping[str, Any]) -> LoraTargets:
+    """:func:`lora_targets` for the weights of a :class:`~optimizer.merge.flat.ParentBank`."""
+    return lora_targets(architecture=bank.layout.name, shapes={s.key: s.shape for s in bank.spans}, unet_config=unet_config)
+
+
+def load_loras(
+    specs: Sequence[tuple[str, str | os.PathLike[str]]], *, bank: Any, unet_config: Mapping[str, Any]
+) -> list[Lora]:
+    """``[(name, path), ...]`` loaded and mapped onto ``bank``'s weights (one target index for all)."""
+    targets = targets_for_bank(bank, unet_config=unet_config)
+    return [load_lora(path, targets=targets, layout=bank.layout, name=name) for name, path in specs]

@@ -1,0 +1,196 @@
+"""Studies with the techniques around merging: LoRA and hypernetwork strengths as search dimensions,
+the output ensemble, and AdaBN/REPAIR-style recalibration after the merge (on the embedded zoo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from optimizer.study.config import StudyConfigError, load_study_config
+from optimizer.study.runner import StudyRunner, run_study
+from optimizer.study.space import suggest_recipe
+from optimizer.study.storage import StudyFolder
+from optimizer.zoo import paths
+from tests.test_lora import _random_zoo_lora
+from tests.test_study import _study_data, needs_zoo
+
+ZOO = paths.default_zoo_dir()
+pytestmark = needs_zoo
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _hypernetwork(tmp: Path, *, seed: int = 0, scale: float = 1.0) -> Path:
+    from optimizer.adapters.hypernetwork import Hypernetwork, save_hypernetwork
+
+    h = Hypernetwork.new(dims=[32, 64], name="h", seed=seed)
+    with torch.no_grad():
+        for p in h.parameters():
+            p.mul_(scale)
+    return save_hypernetwork(h, tmp / f"hyper-{seed}.pt")
+
+
+def _config(tmp: Path, **overrides):
+    data = _study_data(tmp, **overrides)
+    data["parents"] = [str(paths.model_file(ZOO, "base")), str(paths.model_file(ZOO, "shape"))]
+    data.update(overrides)
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_study_config(path)
+
+
+def _render(runner: StudyRunner, recipe) -> torch.Tensor:
+    runner.prepare(recipe)
+    jobs = runner.prompt_set.jobs("search")[:3]
+    return torch.cat([b.images for b in runner.renderer.batches(jobs)])
+
+
+def test_lora_strengths_are_search_dimensions_replayed_and_exported(tmp_path: Path) -> None:
+    lora = _random_zoo_lora(tmp_path, seed=5)
+    config = _config(
+        tmp_path,
+        search_space={"alpha": {"share": "global"}},
+        loras=[{"path": str(lora), "name": "rnd", "strength": {"low": 0.0, "high": 1.0, "share": "per_block", "groups": {"OUT": [f"OUT{i:02d}" for i in range(3, 12)]}}}],
+        budget={"trials": 2},
+    )
+    folder = StudyFolder(tmp_path / "run")
+    runner = StudyRunner(config, folder=folder)
+    names = runner.space.names
+    assert "alpha" in names and "lora.rnd.OUT" in names and "lora.rnd.IN01" in names and "lora.rnd.OUT00" not in names
+    study = run_study(config, folder=folder, progress=False, runner=runner)
+    best = study.best_trial
+    recipe = suggest_recipe(optuna.trial.FixedTrial(best.params), runner.space)
+    assert recipe.loras["rnd"]["OUT05"] == best.params["lora.rnd.OUT"]
+    assert best.user_attrs["recipe"]["loras"] == recipe.model_dump(mode="json")["loras"]
+    assert "lora" in best.user_attrs["seconds"]
+
+    from optimizer.study.export import export_trial
+
+    out = export_trial(study=study, config=config, trial=best, output_format="safetensors", output=tmp_path / "best.safetensors", parents=runner.parents)
+    runner.prepare(recipe)
+    saved = load_file(str(out))
+    views = runner.merger.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in views.items())
+    without = runner.merger.merge(recipe.model_copy(update={"loras": {}}))
+    assert without.lora_layers == 0
+    assert any(not torch.equal(saved[k], v) for k, v in runner.merger.state_dict().items())  # the LoRA is in the file
+    doc = yaml.safe_load(export_trial(study=study, config=config, trial=best, output_format="recipe", output=tmp_path / "best.yaml").read_text())
+    assert doc["loras"][0]["name"] == "rnd" and len(doc["loras"][0]["sha256"]) == 64
+
+
+def test_lbw_string_scales_one_global_lora_strength(tmp_path: Path) -> None:
+    lora = _random_zoo_lora(tmp_path, seed=6)
+    config = _config(tmp_path, search_space={"alpha": {"value": 0.5}}, loras=[{"path": str(lora), "lbw": "OUTALL"}])
+    runner = StudyRunner(config, folder=StudyFolder(tmp_path / "run"))
+    assert runner.space.names == [f"lora.{lora.stem}"]
+    recipe = suggest_recipe(optuna.trial.FixedTrial({f"lora.{lora.stem}": 0.8}), runner.space)
+    strengths = recipe.loras[lora.stem]
+    assert strengths["IN01"] == 0.0 and strengths["M00"] == 0.0 and strengths["OUT03"] == pytest.approx(0.8)
+
+
+def test_hypernetwork_strength_changes_the_images_and_zero_is_the_plain_merge(tmp_path: Path) -> None:
+    config = _config(
+        tmp_path,
+        search_space={"alpha": {"value": 0.5}},
+        hypernetworks=[{"path": str(_hypernetwork(tmp_path, scale=30.0)), "name": "hn", "strength": {"low": 0.0, "high": 1.0}}],
+    )
+    runner = StudyRunner(config, folder=StudyFolder(tmp_path / "run"))
+    assert runner.space.names == ["hypernetwork.hn"]
+    at = {s: suggest_recipe(optuna.trial.FixedTrial({"hypernetwork.hn": s}), runner.space) for s in (0.0, 1.0)}
+    with_zero, with_one = _render(runner, at[0.0]), _render(runner, at[1.0])
+    assert (with_zero - with_one).abs().max() > 0.02
+
+    (tmp_path / "plain").mkdir()
+    plain = _config(tmp_path / "plain", search_space={"alpha": {"value": 0.5}})
+    plain_runner = StudyRunner(plain, folder=StudyFolder(tmp_path / "run-plain"))
+    assert torch.equal(_render(plain_runner, suggest_recipe(optuna.trial.FixedTrial({}), plain_runner.space)), with_zero)
+
+
+def test_output_ensemble_with_weight_zero_renders_the_first_parent_and_is_not_exportable(tmp_path: Path) -> None:
+    config = _config(tmp_path, technique="output_ensemble", search_space={"alpha": {"share": "global"}}, budget={"trials": 1})
+    folder = StudyFolder(tmp_path / "run")
+    runner = StudyRunner(config, folder=folder)
+    assert runner.merger is None and runner.space.names == ["alpha"]
+    first = _render(runner, suggest_recipe(optuna.trial.FixedTrial({"alpha": 0.0}), runner.space))
+    assert runner.ensemble.weights == (1.0, 0.0)
+
+    (tmp_path / "single").mkdir()
+    single = _config(tmp_path / "single", search_space={"alpha": {"value": 0.0}})
+    merged_runner = StudyRunner(single, folder=StudyFolder(tmp_path / "run-single"))
+    assert torch.equal(_render(merged_runner, suggest_recipe(optuna.trial.FixedTrial({}), merged_runner.space)), first)
+
+    calls = runner.ensemble.calls
+    _render(runner, suggest_recipe(optuna.trial.FixedTrial({"alpha": 0.4}), runner.space))
+    assert runner.ensemble.weights == (0.6, 0.4)
+    steps = runner.prompt_set.steps
+    assert runner.ensemble.calls - calls >= 2 * steps  # both parents at every step
+
+    study = run_study(config, folder=folder, progress=False, runner=runner)
+    from optimizer.study.export import ExportError, export_trial
+
+    with pytest.raises(ExportError, match="output ensemble"):
+        export_trial(study=study, config=config, trial=study.best_trial, output_format="safetensors", output=tmp_path / "x.safetensors", parents=runner.parents)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_recalibration_meets_the_interpolated_parent_statistics_and_is_exported(tmp_path: Path) -> None:
+    from optimizer.merge.recalibrate import collect_norm_statistics
+
+    config = _config(
+        tmp_path,
+        parents=[str(paths.model_file(ZOO, "base")), str(paths.model_file(ZOO, "other_init"))],
+        search_space={"alpha": {"share": "global"}},
+        recalibrate={"prompts": 2, "timesteps": [999, 500]},
+        budget={"trials": 1},
+    )
+    folder = StudyFolder(tmp_path / "run")
+    runner = StudyRunner(config, folder=folder)
+    recipe = suggest_recipe(optuna.trial.FixedTrial({"alpha": 0.5}), runner.space)
+    seconds = runner.prepare(recipe)
+    assert seconds["recalibrate"] > 0
+    recal = runner.recalibrator
+    layers = [l.name for l in recal.layers]
+    got = collect_norm_statistics(unet=recal.pipe.unet, batch=recal.batch(), layers=layers)
+    a, b = recal.parent_stats
+    for name in layers:
+        torch.testing.assert_close(got[name].std, 0.5 * (a[name].std + b[name].std), rtol=1e-3, atol=1e-4)
+    study = run_study(config, folder=folder, progress=False, runner=runner)
+    assert "recalibrate" in study.best_trial.user_attrs["seconds"]
+
+    from optimizer.study.export import export_trial
+
+    out = export_trial(study=study, config=config, trial=study.best_trial, output_format="safetensors", output=tmp_path / "best.safetensors", parents=runner.parents, runner=runner)
+    runner.prepare(suggest_recipe(optuna.trial.FixedTrial(study.best_trial.params), runner.space))
+    saved = load_file(str(out))
+    assert all(torch.equal(saved[k], v) for k, v in runner.merger.state_dict().items())
+    with safe_open(str(out), "pt") as handle:
+        assert "alpha" in handle.metadata()["sd_merge_recipe"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"technique": "output_ensemble", "loras": [{"path": "x.safetensors"}]}, "output_ensemble merges no weights"),
+        ({"technique": "output_ensemble", "search_space": {"alpha": {}}}, "an output ensemble has one weight; set share: global"),
+        ({"method": "add_difference", "recalibrate": {}}, "recalibrate: the target statistics"),
+        ({"hypernetworks": [{"path": "h.pt", "strength": {"share": "per_block"}}]}, "a hypernetwork has one strength"),
+        ({"loras": [{"path": "a/x.safetensors"}, {"path": "b/x.safetensors"}]}, "names must be unique"),
+        ({"search_space": {}}, "nothing is searched"),
+        ({"loras": [{"path": "x.safetensors", "lbw": "OUTALL", "strength": {"share": "per_block"}}]}, "lbw scales one global strength"),
+    ],
+)
+def test_bad_technique_settings_name_the_field(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(StudyConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _config(tmp_path, **change)
