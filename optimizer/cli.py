@@ -391,6 +391,21 @@ def zoo_build(
     typer.echo(f"built {build_zoo(out=out, scale=scale, evaluation_count=evaluation_count)}")
 
 
+@zoo_app.command("adapters")
+def zoo_adapters(
+    zoo: Annotated[Path | None, typer.Option(help="Zoo folder (default: studies/zoo).")] = None,
+    scale: Annotated[float, typer.Option(help="Multiply every training step count (e.g. 0.05 for a smoke run).")] = 1.0,
+    measure: Annotated[bool, typer.Option(help="Measure the base with each adapter at a few strengths.")] = True,
+) -> None:
+    """Train the zoo's LoRA and hypernetwork on the base model; write them and adapters/adapters.json."""
+    from optimizer.zoo.adapters import train_adapters
+
+    if scale <= 0:
+        raise _fail("--scale must be positive")
+    manifest = train_adapters(zoo=zoo, scale=scale, measure=measure)
+    typer.echo("trained " + ", ".join(f"{a['file']} ({a['seconds']} s)" for a in manifest["adapters"]))
+
+
 @zoo_app.command("check")
 def zoo_check(
     zoo: Annotated[Path | None, typer.Option(help="Zoo folder (default: studies/zoo).")] = None,

@@ -54,7 +54,7 @@ ADAPTERS: tuple[AdapterRecipe, ...] = (
 )
 SUFFIX = {"lora": ".safetensors", "hypernetwork": ".pt"}
 #: strengths at which each adapter's effect is measured for the manifest
-MEASURED_STRENGTHS = (0.5, 1.0)
+MEASURED_STRENGTHS = (0.25, 0.5, 1.0)
 
 
 def adapter_file(zoo: Path, name: str) -> Path:
@@ -102,7 +102,9 @@ def _save_lora(state: dict[str, torch.Tensor], path: Path, *, metadata: dict[str
         StableDiffusionPipeline.save_lora_weights(
             tmp, unet_lora_layers=state, weight_name=path.name, safe_serialization=True, unet_lora_adapter_metadata=metadata
         )
-        os.replace(Path(tmp) / path.name, path)
+        written = Path(tmp) / path.name
+        written.chmod(0o644)  # files in a private temporary folder are created 0600
+        os.replace(written, path)
 
 
 def train_hypernetwork(*, vae, text_encoder, unet, recipe: AdapterRecipe, progress: bool = True):
@@ -133,45 +135,31 @@ def _sha256(path: Path) -> str:
 
 
 def measure_adapters(zoo: Path, *, strengths: tuple[float, ...] = MEASURED_STRENGTHS, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Oracle and CLIP figures of the base with each adapter at ``strengths`` (0 = the base alone)."""
-    from optimizer.zoo.build import EVALUATION, _meter, load_zoo_pipeline
-    from optimizer.zoo.models import generate
-    from optimizer.zoo.quality import evaluation_set
+    """Oracle and CLIP figures of the base alone and with each adapter at ``strengths``, through
+    evomerge's own loaders and study runner, on the zoo README's held-out evaluation set."""
+    from optimizer.experiments.candidates import Candidate, CandidateEvaluator
+    from optimizer.zoo.build import EVALUATION
 
-    evaluation = evaluation_set(count=EVALUATION["count"], seed=EVALUATION["seed"])
-    meter = _meter(zoo, evaluation)
-    pipe = load_zoo_pipeline("base", zoo=zoo)
-    figures: dict[str, dict[str, Any]] = {}
+    evaluator = CandidateEvaluator(zoo=zoo, count=EVALUATION["count"], steps=EVALUATION["steps"], guidance=EVALUATION["guidance"], seed=EVALUATION["seed"])
+    keys = ("oracle_digit", "oracle_fg", "oracle_bg", "oracle_thickness", "oracle_slant", "oracle_all", "clip_score")
 
-    def score(tag: str) -> dict[str, float]:
-        images = generate(pipe, prompts=evaluation.captions, seeds=evaluation.seeds, steps=EVALUATION["steps"], guidance=EVALUATION["guidance"])
-        result = meter.score(images, fid=False)
+    def score(candidate: Candidate) -> dict[str, float]:
+        row = evaluator.evaluate(candidate)
+        result = {k: round(float(row[k]), 4) for k in keys}
         if progress:
-            print(f"  {tag}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()), flush=True)
+            print(f"  {candidate.label}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()), flush=True)
         return result
 
-    figures["base"] = {"0": score("base")}
-    from optimizer.adapters.hypernetwork import HypernetworkStack, install_hypernetworks, load_hypernetwork, remove_hypernetworks
-
+    figures: dict[str, dict[str, Any]] = {"base": {"0": score(Candidate("base", ("base",)))}}
     for recipe in ADAPTERS:
-        path = adapter_file(zoo, recipe.name)
+        path = str(adapter_file(zoo, recipe.name))
         figures[recipe.name] = {}
-        if recipe.kind == "lora":
-            original = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=recipe.name)
-            for s in strengths:
-                pipe.set_adapters([recipe.name], adapter_weights=[s])
-                figures[recipe.name][str(s)] = score(f"{recipe.name} x{s}")
-            pipe.delete_adapters([recipe.name])
-            current = pipe.unet.state_dict()
-            assert all(torch.equal(current[k], v) for k, v in original.items()), "LoRA removal left the UNet changed"
-        else:
-            stack = HypernetworkStack([load_hypernetwork(path)])
-            install_hypernetworks(pipe.unet, stack)
-            for s in strengths:
-                stack.set_strengths([s])
-                figures[recipe.name][str(s)] = score(f"{recipe.name} x{s}")
-            remove_hypernetworks(pipe.unet)
+        for s in strengths:
+            if recipe.kind == "lora":
+                candidate = Candidate(f"{recipe.name} x{s}", ("base",), loras=((path, s),))
+            else:
+                candidate = Candidate(f"{recipe.name} x{s}", ("base",), hypernetworks=((path, s),))
+            figures[recipe.name][str(s)] = score(candidate)
     return figures
 
 
@@ -202,9 +190,10 @@ def train_adapters(*, zoo: Path | None = None, scale: float = 1.0, measure: bool
         manifest["figures"] = measure_adapters(zoo, progress=progress)
     target = zoo / "adapters" / "adapters.json"
     tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(manifest, indent=2) + "\n"
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, target)
-    return manifest
+    return json.loads(text)
 
 
 if __name__ == "__main__":  # pragma: no cover - `evomerge zoo adapters` is the entry point

@@ -54,13 +54,38 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: trained adapters (``evomerge zoo adapters``) have their own manifest, ``adapters/adapters.json``
+ADAPTERS_DIR = "adapters"
+
+
 def _file_hashes(root: Path) -> dict[str, str]:
     skip = {paths.MANIFEST, "README.md"}
     return {
         p.relative_to(root).as_posix(): _sha256(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.relative_to(root).as_posix() not in skip
+        if p.is_file() and p.relative_to(root).as_posix() not in skip and p.relative_to(root).parts[0] != ADAPTERS_DIR
     }
+
+
+def _check_adapters(zoo: Path) -> list[str]:
+    """Problems with the trained adapters against ``adapters/adapters.json`` (none if it is absent)."""
+    manifest = zoo / ADAPTERS_DIR / "adapters.json"
+    if not manifest.is_file():
+        return []
+    problems = []
+    listed = set()
+    for entry in json.loads(manifest.read_text())["adapters"]:
+        path = zoo / entry["file"]
+        listed.add(entry["file"])
+        if not path.is_file():
+            problems.append(f"missing {entry['file']}")
+        elif _sha256(path) != entry["sha256"]:
+            problems.append(f"sha256 mismatch for {entry['file']}")
+    for path in sorted((zoo / ADAPTERS_DIR).iterdir()):
+        rel = path.relative_to(zoo).as_posix()
+        if path.name != "adapters.json" and rel not in listed:
+            problems.append(f"file not in adapters.json: {rel}")
+    return problems
 
 
 def export_model(*, components: dict[str, torch.nn.Module], name: str, zoo: Path, recipe: dict[str, Any]) -> None:
@@ -323,6 +348,7 @@ def check_zoo(*, zoo: Path | None = None, measure: bool = True, fid: bool = True
             problems.append(f"sha256 mismatch for {rel}")
     extra = sorted(set(_file_hashes(zoo)) - set(manifest["files"]))
     problems += [f"file not in the manifest: {rel}" for rel in extra]
+    problems += _check_adapters(zoo)
     if problems:
         raise ZooError(f"{zoo}: " + "; ".join(problems))
     checked = [r for r in manifest["files"] if not (derived_absent and r.startswith(f"{DERIVED}/"))]

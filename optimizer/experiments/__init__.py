@@ -1,0 +1,1 @@
+"""Experiments on the embedded zoo: fixed candidates scored on held-out captions (see ``studies/`` and ``notebooks/``)."""
