@@ -74,8 +74,8 @@ STUDIES: dict[str, str] = {
     "negative-control": "article-negative-control.yaml",
 }
 PARETO_STUDY = "article-pareto-nsga2.yaml"
-FIGURES = ["oracle_digit", "oracle_fg", "oracle_bg", "oracle_thickness", "oracle_slant", "oracle_all", "clip_score"]
-TABLE = ["label", "oracle_digit", "oracle_fg", "oracle_bg", "oracle_all", "clip_score", "unet_evals_per_image"]
+FIGURES = ["oracle_digit", "oracle_fg", "oracle_bg", "oracle_thickness", "oracle_slant", "oracle_all", "clip_score", "fid"]
+TABLE = ["label", "oracle_digit", "oracle_fg", "oracle_bg", "oracle_all", "clip_score", "fid", "unet_evals_per_image"]
 #: the columns :func:`run_article` averages over search seeds (others keep their value, or None where seeds differ)
 METRICS = [*FIGURES, "unet_evals_per_image", "seconds_per_image", "search_score"]
 #: the leading columns of experiments.csv
@@ -94,7 +94,7 @@ class ArticleEvaluator(CandidateEvaluator):
     grids (:meth:`images`)."""
 
     def __init__(self, *, zoo: Path | None = None, count: int = 100, steps: int = 20, guidance: float = 4.0, seed: int = 7,
-                 prompts: Path | None = None) -> None:
+                 prompts: Path | None = None, fid: bool = True) -> None:
         from optimizer.render.prompts import load_prompt_set
         from optimizer.zoo import domain
         from optimizer.zoo.build import _meter
@@ -115,6 +115,7 @@ class ArticleEvaluator(CandidateEvaluator):
         self.meter = _meter(self.zoo, self.evaluation)
         self.steps, self.guidance = steps, guidance
         self.count = count
+        self.fid = fid
 
     def evaluate(self, candidate: Candidate) -> dict[str, Any]:
         """The parent's row plus ``images`` (the evaluation count)."""
@@ -602,7 +603,7 @@ def _cell(row, column: str) -> str:
         return ""
     if column == "label" or isinstance(value, str):
         return str(value)
-    digits = 2 if column == "clip_score" else 0 if column == "unet_evals_per_image" else 3
+    digits = 2 if column == "clip_score" else 1 if column == "fid" else 0 if column == "unet_evals_per_image" else 3
     ci = row.get(f"{column}_ci95")
     text = f"{value:.{digits}f}"
     if ci is not None and not (isinstance(ci, float) and math.isnan(ci)) and column != "unet_evals_per_image":
@@ -611,9 +612,10 @@ def _cell(row, column: str) -> str:
 
 
 def markdown_table(summary) -> str:
-    """The experiment table as Markdown: label, oracle digit/fg/bg/all, zoo CLIP, UNet evaluations
+    """The experiment table as Markdown: label, oracle digit/fg/bg/all, zoo CLIP, FID (InceptionV3 against
+    real renders of the same captions; biased upwards at 100 images, compare rows only), UNet evaluations
     per image, seeds; ``mean ± 95% half-width`` where rows were averaged over search seeds."""
-    header = ["label", "digit", "fg", "bg", "all five", "zoo CLIP", "UNet evals / image", "seeds"]
+    header = ["label", "digit", "fg", "bg", "all five", "zoo CLIP", "FID", "UNet evals / image", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for _, row in summary.iterrows():
         cells = [_cell(row, c) for c in TABLE] + [str(int(row.get("n", 1)))]

@@ -6,7 +6,8 @@ fixed strengths, and whether the norms are recalibrated after the merge. :class:
 builds the scorers once (zoo oracle, zoo CLIP), then for each candidate builds the same
 :class:`~optimizer.study.runner.StudyRunner` a study would (so experiments exercise the study code
 path), prepares the recipe, samples one image per held-out caption with a fixed seed, and returns
-the oracle accuracies, the CLIP score, UNet evaluations per image and seconds per image.
+the oracle accuracies, the CLIP score, (with ``fid=True``) FID InceptionV3 against real renders of
+the same captions, UNet evaluations per image and seconds per image.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def _parent_path(zoo: Path, name: str) -> str:
 class CandidateEvaluator:
     """Scores candidates on ``count`` held-out captions (see the module docstring)."""
 
-    def __init__(self, *, zoo: Path | None = None, count: int = 100, steps: int = 20, guidance: float = 4.0, seed: int = 7) -> None:
+    def __init__(
+        self, *, zoo: Path | None = None, count: int = 100, steps: int = 20, guidance: float = 4.0, seed: int = 7, fid: bool = False
+    ) -> None:
         from optimizer.zoo.build import _meter
         from optimizer.zoo.quality import evaluation_set
 
@@ -62,6 +65,7 @@ class CandidateEvaluator:
         self.evaluation = evaluation_set(count=count, seed=seed)
         self.meter = _meter(self.zoo, self.evaluation)
         self.steps, self.guidance = steps, guidance
+        self.fid = fid
 
     def runner(self, candidate: Candidate, *, folder: Path) -> tuple[StudyRunner, Any]:
         """The study runner of ``candidate`` and its recipe (everything pinned but alpha)."""
@@ -108,7 +112,7 @@ class CandidateEvaluator:
             members = 1
             if runner.ensemble is not None:
                 members = sum(1 for w in runner.ensemble.weights if w != 0.0)
-        figures = self.meter.score(images, fid=False)
+        figures = self.meter.score(images, fid=self.fid)
         return {
             "label": candidate.label,
             **candidate.extra,
