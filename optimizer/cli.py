@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -62,6 +63,38 @@ def _parse_params(values: list[str]) -> dict[str, str]:
     return parsed
 
 
+_LORA_ARG = re.compile(r"^(?P<path>.+?)(?::(?P<strength>[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?))?(?::(?P<lbw>[A-Za-z0-9_.,]+))?$")
+
+
+def _cli_loras(items: list[str], *, parents, config: Path | None):
+    """``--lora PATH[:STRENGTH[:LBW]]`` items -> (loaded LoRAs, recipe strengths ``{name: {block: s}}``)."""
+    if not items:
+        return [], {}
+    from optimizer.adapters.lbw import parse_lbw
+    from optimizer.adapters.lora import load_loras
+    from optimizer.study.pipeline import unet_config
+
+    specs = []
+    for item in items:
+        m = _LORA_ARG.match(item)
+        if m is None:
+            raise _fail(f"--lora takes PATH[:STRENGTH[:LBW]], got {item!r}")
+        path = Path(m.group("path"))
+        specs.append((path, float(m.group("strength") or 1.0), m.group("lbw")))
+    names = [p.stem for p, _, _ in specs]
+    if len(set(names)) != len(names):
+        raise _fail(f"--lora: two LoRA files share a name {names}; rename one")
+    loaded = load_loras([(p.stem, p) for p, _, _ in specs], bank=parents.bank, unet_config=unet_config(parents, config_dir=config))
+    layout = parents.bank.layout
+    strengths = {}
+    for lora_, (_, strength, lbw) in zip(loaded, specs, strict=True):
+        if lbw:
+            strengths[lora_.name] = parse_lbw(lbw, layout=layout, touched=lora_.blocks, strength=strength)
+        else:
+            strengths[lora_.name] = dict.fromkeys(lora_.blocks, strength)
+    return loaded, strengths
+
+
 @app.command()
 def merge(
     parents: Annotated[list[Path], typer.Argument(help="Parent checkpoints A B [C ...] (files or diffusers folders).")],
@@ -77,6 +110,7 @@ def merge(
     output_format: Annotated[str, typer.Option("--format", help="safetensors or diffusers.")] = "safetensors",
     config: Annotated[Path | None, typer.Option(help="Diffusers config folder for --format diffusers (default: the first parent's, or the shipped one).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    lora: Annotated[list[str], typer.Option(help="Bake a LoRA into the merge: PATH[:STRENGTH[:LBW]] (LBW: a block weight string or preset such as OUTALL). Repeatable.")] = [],  # noqa: B006
 ) -> None:
     """Merge checkpoints per block and write the result (atomically, with A1111 merge metadata)."""
     from optimizer.architectures.layout import LayoutError
@@ -99,8 +133,10 @@ def merge(
         recipe = recipe_from_strings(
             method=merge_method.name, layout=loaded.bank.layout, params=params, seed=seed, merge_vae=merge_vae
         )
+        loras, strengths = _cli_loras(lora, parents=loaded, config=config)
+        recipe = recipe.model_copy(update={"loras": strengths})
         written = merge_to_file(parents=loaded, recipe=recipe, output=output, output_format=output_format, config_dir=config,
-            overwrite=overwrite,
+            overwrite=overwrite, loras=loras,
         )
     except (CheckpointError, LayoutError, MergeError, ValueError) as exc:
         raise _fail(str(exc)) from None

@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -106,8 +107,12 @@ def merge_to_file(
     output_format: str = "safetensors",
     config_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    loras: Sequence[Any] = (),
 ) -> Path:
     """Merge once in memory and write the result atomically (safetensors or a diffusers folder).
+
+    ``loras``: :class:`~optimizer.adapters.lora.Lora` objects the recipe's ``loras`` strengths name,
+    added in place after the merge (baked into the output).
 
     A diffusers folder needs component configs that match the weights: ``config_dir``, else the
     first parent when it is a diffusers folder, else the shipped config of the architecture.
@@ -115,7 +120,7 @@ def merge_to_file(
     output = Path(output)
     if output.exists() and not overwrite:
         raise CheckpointError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
-    merger = Merger(parents.bank)
+    merger = Merger(parents.bank, loras=loras)
     merger.merge(recipe)
     return write_merged(
         state_dict=merger.state_dict(), parents=parents, recipe=recipe, output=output, output_format=output_format,

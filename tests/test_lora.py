@@ -321,3 +321,25 @@ def test_recipes_naming_unknown_loras_or_lacking_blocks_are_refused_before_the_m
     assert torch.equal(merger.output, before)  # nothing half-written
     with pytest.raises(LoraError, match="unique"):
         LoraSet([lora, lora], views=merger.state_dict())
+
+
+def test_the_merge_cli_bakes_loras_with_strength_and_lbw(zoo_parents, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from optimizer.cli import app
+
+    lora_file = _random_zoo_lora(tmp_path, seed=9)
+    out = tmp_path / "merged.safetensors"
+    base, shape = (str(paths.model_file(ZOO, n)) for n in ("base", "shape"))
+    result = CliRunner().invoke(app, ["merge", base, shape, "--alpha", "0.5", "--dtype", "fp32", "--device", "cpu",
+                                      "--lora", f"{lora_file}:0.7:OUTALL", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    bank = zoo_parents.bank
+    lora, = load_loras([("lora", lora_file)], bank=bank, unet_config=_unet_config())
+    merger = Merger(bank, loras=[lora])
+    strengths = {"lora": parse_lbw("OUTALL", layout=SD1, touched=lora.blocks, strength=0.7)}
+    merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=SD1, alpha=0.5).model_copy(update={"loras": strengths}))
+    saved = load_file(str(out))
+    assert all(torch.equal(saved[k], v) for k, v in merger.state_dict().items())
+    bad = CliRunner().invoke(app, ["merge", base, shape, "--alpha", "0.5", "--lora", str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "x.safetensors")])
+    assert bad.exit_code != 0 and "no LoRA file at" in bad.output and not (tmp_path / "x.safetensors").exists()
