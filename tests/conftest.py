@@ -14,3 +14,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def _private_evomerge_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep hash caches and materialized config folders out of the user's ~/.cache."""
     os.environ["EVOMERGE_CACHE"] = str(tmp_path_factory.mktemp("evomerge-cache"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are hundreds of small ops: with 2 OpenMP threads on a shared, loaded 2-core CPU
+    each op waits on a descheduled thread (14-20x slower seen); 1 thread is as fast when idle.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,14 +18,7 @@ PROMPTS = ["a red digit 3 on a blue background", "a thin digit 7"]
 SEEDS = [0, 5]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models are hundreds of small ops: with 2 OpenMP threads on a shared, loaded 2-core CPU
-    each op waits on a descheduled thread (14x slower seen here); 1 thread is as fast when idle."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------- tiny models

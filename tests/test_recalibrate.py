@@ -36,13 +36,7 @@ PROMPTS = ["a red 3 on a blue background", "a thin green 7 on a white background
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one intra-op thread is faster, and far faster on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(seed: int):

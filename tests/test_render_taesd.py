@@ -259,15 +259,6 @@ def test_round_trip_psnr_proves_the_mapping(variant: str, photos: torch.Tensor, 
 # swap_decoder on a tiny StableDiffusionPipeline
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny pipeline is hundreds of small ops: with 2 OpenMP threads on a 2-core machine that
-    is busy elsewhere, each op waits on a descheduled thread (20x slower seen); 1 thread is as fast
-    when idle."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_pipeline(variant: str = "sd"):

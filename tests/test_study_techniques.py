@@ -21,15 +21,7 @@ from tests.test_lora import _random_zoo_lora
 from tests.test_study import _study_data, needs_zoo
 
 ZOO = paths.default_zoo_dir()
-pytestmark = needs_zoo
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [needs_zoo, pytest.mark.usefixtures("one_thread")]
 
 
 def _hypernetwork(tmp: Path, *, seed: int = 0, scale: float = 1.0) -> Path:

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from optimizer.adapters.hypernetwork import load_hypernetwork
 from optimizer.adapters.lora import load_loras
@@ -23,12 +22,7 @@ MANIFEST = ZOO / "adapters" / "adapters.json"
 needs_adapters = pytest.mark.skipif(not MANIFEST.is_file(), reason="studies/zoo/adapters is not built (evomerge zoo adapters)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @needs_adapters

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optimizer.atomic import write_atomic, write_text_atomic
 from optimizer.experiments.candidates import PROMPTS, Candidate, CandidateEvaluator
 from optimizer.zoo import paths
 
@@ -573,28 +574,8 @@ def claims(summary) -> list[Claim]:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def _atomic_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _atomic_figure(figure, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def _cell(row, column: str) -> str:
@@ -804,10 +785,10 @@ def run_article(*, out: str | os.PathLike[str], quick: bool = False, zoo: Path |
     files: dict[str, Path] = {}
     csv_columns = [c for c in ID_COLUMNS if c in summary.columns]
     csv_columns += [c for m in METRICS for c in (m, f"{m}_ci95") if c in summary.columns]
-    files["csv"] = _atomic_text(out / "experiments.csv", summary[csv_columns].to_csv(index=False))
-    files["rows"] = _atomic_text(out / "experiments-rows.csv", rows.to_csv(index=False))
-    files["histories"] = _atomic_text(out / "histories.csv", optimized.histories.to_csv(index=False))
-    files["recipes"] = _atomic_text(out / "recipes.csv", optimized.recipes.to_csv(index=False))
+    files["csv"] = write_text_atomic(out / "experiments.csv", summary[csv_columns].to_csv(index=False))
+    files["rows"] = write_text_atomic(out / "experiments-rows.csv", rows.to_csv(index=False))
+    files["histories"] = write_text_atomic(out / "histories.csv", optimized.histories.to_csv(index=False))
+    files["recipes"] = write_text_atomic(out / "recipes.csv", optimized.recipes.to_csv(index=False))
     files["alpha_sweep"] = _plot_sweeps(summary, out / "alpha_sweep.png")
     if len(optimized.histories):
         files["histories_plot"] = _plot_histories(optimized.histories, out / "histories.png")
@@ -815,7 +796,7 @@ def run_article(*, out: str | os.PathLike[str], quick: bool = False, zoo: Path |
         files["block_weights"] = _plot_blocks(optimized.recipes, optimized.blocks, out / "block_weights.png")
     pareto_md = ""
     if optimized.pareto is not None and len(optimized.pareto):
-        files["pareto"] = _atomic_text(out / "pareto.csv", optimized.pareto.to_csv(index=False))
+        files["pareto"] = write_text_atomic(out / "pareto.csv", optimized.pareto.to_csv(index=False))
         files["pareto_plot"] = _plot_pareto(optimized.pareto, optimized.pareto_trials, out / "pareto.png")
         pareto_md = "\n## NSGA-II Pareto front (search prompts: zoo CLIP vs KID; held-out figures alongside)\n\n" + _pareto_table(optimized.pareto)
     by_label: dict[str, Candidate] = {}
@@ -845,7 +826,7 @@ def run_article(*, out: str | os.PathLike[str], quick: bool = False, zoo: Path |
         "Figures: `alpha_sweep.png`, `histories.png`, `block_weights.png`, `pareto.png`, `grid.png`.",
         "",
     ]
-    files["markdown"] = _atomic_text(out / "experiments.md", "\n".join(text))
+    files["markdown"] = write_text_atomic(out / "experiments.md", "\n".join(text))
     return ArticleResults(rows=rows, summary=summary, claims=verdicts, optimized=optimized, files=files, seconds=seconds, settings=settings)
 
 

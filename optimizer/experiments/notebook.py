@@ -9,9 +9,10 @@ evaluates every row on 100 held-out captions and runs 13 studies (see
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
+
+from optimizer.atomic import write_atomic
 
 __all__ = ["execute_notebook"]
 
@@ -30,9 +31,7 @@ def execute_notebook(*, path: Path = NOTEBOOK, quick: bool = False, out: str | N
         cell.source = f"QUICK = {quick}\nOUT = {(out or 'studies/results/experiments')!r}\n"
     started = time.perf_counter()
     nbclient.NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
-    tmp = path.with_name(f".{path.name}.tmp")
-    nbformat.write(notebook, str(tmp))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: nbformat.write(notebook, tmp))
     return time.perf_counter() - started
 
 

@@ -7,8 +7,9 @@ notebook wrote it, never numbers typed by hand. ``tests/test_notebook.py`` check
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from optimizer.atomic import write_text_atomic
 
 __all__ = ["END", "START", "readme_section", "sync_readme"]
 
@@ -33,10 +34,7 @@ def sync_readme(*, readme: Path = REPO / "README.md", results: Path = RESULTS) -
     table = results.read_text(encoding="utf-8").strip("\n")
     start, end = text.find(START), text.find(END)
     new = text[: start + len(START)] + "\n" + table + "\n" + text[end:]
-    tmp = readme.with_name(f".{readme.name}.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, readme)
-    return readme
+    return write_text_atomic(readme, new)
 
 
 if __name__ == "__main__":

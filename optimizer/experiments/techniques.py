@@ -11,9 +11,9 @@ for the negative control (two different initialisations). Writes ``techniques.cs
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from optimizer.atomic import write_text_atomic
 from optimizer.experiments.candidates import Candidate, CandidateEvaluator
 from optimizer.zoo import paths
 from optimizer.zoo.adapters import adapter_file
@@ -45,20 +45,14 @@ def technique_candidates(zoo: Path) -> list[Candidate]:
     ]
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run_techniques(*, out: Path, zoo: Path | None = None, count: int = 100, steps: int = 20, progress: bool = True):
     """Evaluate :func:`technique_candidates`; write the CSV and the Markdown table; return the DataFrame."""
     zoo = Path(zoo or paths.default_zoo_dir())
     evaluator = CandidateEvaluator(zoo=zoo, count=count, steps=steps)
     frame = evaluator.evaluate_all(technique_candidates(zoo), progress=progress)[COLUMNS]
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "techniques.csv", frame.to_csv(index=False))
-    _atomic(out / "techniques.md", frame.to_markdown(index=False, floatfmt=".3f") + "\n")
+    write_text_atomic(out / "techniques.csv", frame.to_csv(index=False))
+    write_text_atomic(out / "techniques.md", frame.to_markdown(index=False, floatfmt=".3f") + "\n")
     return frame
 
 

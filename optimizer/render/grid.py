@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from objectives.base import check_images
+from optimizer.atomic import write_bytes_atomic
 
 __all__ = ["grid_image", "grid_png", "save_grid"]
 
@@ -79,13 +79,4 @@ def save_grid(
     if path.suffix.lower() != ".png":
         raise ValueError(f"grids are PNG files; got {path}")
     data = grid_png(images, nrow=nrow, labels=labels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, data)

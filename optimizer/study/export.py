@@ -32,6 +32,7 @@ from typing import Any
 import optuna
 import yaml
 
+from optimizer.atomic import write_text_atomic
 from optimizer.merge import MergeRecipe
 from optimizer.merge_files import LoadedParents, load_parents, merge_to_file, write_merged
 from optimizer.study.config import StudyConfig, StudyConfigError
@@ -45,19 +46,6 @@ HELD_OUT_ATTR = "held_out"
 
 class ExportError(ValueError):
     """The trial cannot be exported (no such trial, not complete, parents changed, ...)."""
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def pick_trial(study: optuna.Study, which: str = "best", *, runner=None) -> optuna.trial.FrozenTrial:
@@ -191,11 +179,11 @@ def export_trial(
         if Path(path).resolve() != Path(listed["path"]).resolve():
             raise ExportError(f"parent {i}: the study file names {path}, loaded {listed['path']}")
     if output_format == "recipe":
-        return _atomic_text(output, yaml.safe_dump(doc, sort_keys=False))
+        return write_text_atomic(output, yaml.safe_dump(doc, sort_keys=False))
     if output_format == "mbw":
         lines = [f"# study {study.study_name}, trial {trial.number}, method {doc['recipe']['method']}"]
         lines += [f"{param}: {value}" for param, value in doc["mbw"].items()]
-        return _atomic_text(output, "\n".join(lines) + "\n")
+        return write_text_atomic(output, "\n".join(lines) + "\n")
     recipe = MergeRecipe.model_validate(doc["recipe"])
     if config.technique == "output_ensemble":
         raise ExportError(

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import optuna
 
 from optimizer.architectures.layout import load_layout
+from optimizer.atomic import write_atomic
 
 __all__ = ["trials_table", "write_report"]
 
@@ -53,23 +53,11 @@ def trials_table(study: optuna.Study):
     return pd.DataFrame(rows)
 
 
-def _atomic_write(path: Path, write) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _save_figure(figure, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        return _atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
+        return write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
     finally:
         plt.close(figure)
 
@@ -114,9 +102,9 @@ def write_report(study: optuna.Study, *, folder: str | os.PathLike[str], archite
     out.mkdir(parents=True, exist_ok=True)
     table = trials_table(study)
     written: dict[str, Path] = {}
-    written["csv"] = _atomic_write(out / "trials.csv", lambda tmp: table.to_csv(tmp, index=False))
+    written["csv"] = write_atomic(out / "trials.csv", lambda tmp: table.to_csv(tmp, index=False))
     shown = table.drop(columns=[c for c in table.columns if "." in c], errors="ignore")
-    written["markdown"] = _atomic_write(out / "trials.md", lambda tmp: Path(tmp).write_text(shown.to_markdown(index=False, floatfmt=".4g") + "\n"))
+    written["markdown"] = write_atomic(out / "trials.md", lambda tmp: Path(tmp).write_text(shown.to_markdown(index=False, floatfmt=".4g") + "\n"))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         return written
