@@ -1,7 +1,8 @@
 """Writing files atomically: into a temporary file next to the target, then ``os.replace``.
 
 A reader (or a crash) sees the old file or the new one, never half of one; on any error the
-temporary file is removed and the target is untouched.
+temporary file is removed and the target is untouched. The file gets the permissions a plain
+``open(path, "w")`` would give (``0666`` minus the umask), not ``mkstemp``'s private ``0600``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ from pathlib import Path
 __all__ = ["write_atomic", "write_bytes_atomic", "write_text_atomic"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike[str], write: Callable[[str], object]) -> Path:
     """Call ``write(temporary_path)`` (it must create that file), then move it onto ``path``."""
     path = Path(path)
@@ -22,6 +29,7 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[str], object]) -
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,7 +3,6 @@ replay of an exported recipe, failed trials, Pareto studies, resume after kill -
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3

@@ -59,7 +59,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +69,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from optimizer.atomic import write_atomic
 
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
@@ -510,12 +511,6 @@ class Hypernetwork(nn.Module):
         return state
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_hypernetwork(hypernetwork: Hypernetwork, path: str | os.PathLike[str]) -> Path:
     """Write :meth:`Hypernetwork.state_for_a1111` with ``torch.save`` to ``path``, atomically.
 
@@ -527,15 +522,7 @@ def save_hypernetwork(hypernetwork: Hypernetwork, path: str | os.PathLike[str]) 
     if path.is_dir():
         raise HypernetworkError(f"{path}: is a folder; give a file name for the hypernetwork")
     state = hypernetwork.state_for_a1111()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
     return path
 
 

@@ -18,7 +18,6 @@ extension (:mod:`optimizer.adapters.lbw`); a global strength is the same value i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,19 +30,24 @@ from torch import Tensor
 
 from optimizer.adapters.lora_format import LoraError, LoraFactors, parse_lora, read_lora_file
 from optimizer.architectures.layout import BlockLayout
+from optimizer.checkpoint.hashing import sha256_file
+from optimizer.checkpoint.keymap import COMPONENT_PREFIXES, UNET_PREFIX
 
 __all__ = [
     "Lora", "LoraApplyStats", "LoraLayer", "LoraSet", "LoraTargets", "load_lora", "load_loras", "lora_targets", "targets_for_bank",
     "uniform_strengths",
 ]
 
-UNET_PREFIX = "model.diffusion_model."
-#: architecture -> [(component, LDM prefix of an HF CLIP text tower, kohya prefix)]
-_TEXT_TOWERS: dict[str, list[tuple[str, str, str]]] = {
-    "sd1": [("text_encoder", "cond_stage_model.transformer.", "lora_te_")],
-    "sd2": [],  # OpenCLIP tower: q/k/v live in one in_proj tensor
-    "sdxl": [("text_encoder", "conditioner.embedders.0.transformer.", "lora_te1_")],
-}
+
+
+def _text_towers(architecture: str) -> list[tuple[str, str, str]]:
+    """``[(component, LDM prefix, kohya prefix)]`` of the HF CLIP text towers of ``architecture``
+    (from :data:`~optimizer.checkpoint.keymap.COMPONENT_PREFIXES`); OpenCLIP towers keep q/k/v in one
+    ``in_proj`` tensor and are not LoRA targets. kohya names one tower ``lora_te_``, two ``lora_te1_``/``lora_te2_``."""
+    prefixes = COMPONENT_PREFIXES[architecture]
+    towers = [c for c in prefixes if c.startswith("text_encoder")]
+    kohya = {"text_encoder": "lora_te_"} if len(towers) == 1 else {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    return [(c, prefixes[c][0], kohya[c]) for c in towers if prefixes[c][1] == "hf"]
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ def lora_targets(*, architecture: str, shapes: Mapping[str, Sequence[int]], unet
         for module in (diffusers_module, ldm_module):
             index[("unet", module)] = ldm
             index[("kohya", _kohya("lora_unet_", module))] = ldm
-    for component, prefix, kohya_prefix in _TEXT_TOWERS.get(architecture, []):
+    for component, prefix, kohya_prefix in _text_towers(architecture):
         for ldm in shapes:
             if not (ldm.startswith(prefix) and ldm.endswith(".weight")):
                 continue
@@ -135,14 +139,6 @@ class Lora:
             for l in self.layers
         )
         return Lora(name=self.name, path=self.path, sha256=self.sha256, format=self.format, layers=layers)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _map_layer(layer: LoraFactors, *, targets: LoraTargets, layout: BlockLayout, source: str) -> LoraLayer:
@@ -196,7 +192,7 @@ def load_lora(
         if layer.target in seen:
             raise LoraError(f"{path}: {seen[layer.target]!r} and {parsed_layer.source_key!r} adapt the same weight {layer.target}")
         seen[layer.target] = parsed_layer.source_key
-    return Lora(name=name or path.stem, path=path, sha256=_sha256(path), format=parsed.format, layers=tuple(layers))
+    return Lora(name=name or path.stem, path=path, sha256=sha256_file(path), format=parsed.format, layers=tuple(layers))
 
 
 @dataclass(frozen=True)

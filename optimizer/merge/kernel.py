@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from optimizer.adapters.lora import Lora, LoraSet
+from optimizer.adapters.lora import Lora, LoraApplyStats, LoraSet
 from optimizer.adapters.lora_format import LoraError
 from optimizer.merge.errors import MergeError, RecipeError
 from optimizer.merge.flat import ParentBank, Segment
@@ -103,10 +103,12 @@ class Merger:
         Passthrough tensors are the bank's copies of parent 0's (shared, do not modify)."""
         return dict(self._views)
 
-    def merge(self, recipe: MergeRecipe, *, generator_seed: int | None = None) -> MergeStats:
+    def merge(self, recipe: MergeRecipe, *, generator_seed: int | None = None, with_loras: bool = True) -> MergeStats:
         """Write the candidate of ``recipe`` into the output buffer in place.
 
-        ``generator_seed`` overrides ``recipe.seed`` for stochastic methods. Raises
+        ``generator_seed`` overrides ``recipe.seed`` for stochastic methods. ``with_loras=False``
+        merges without adding the recipe's LoRAs (a post-merge step, such as norm recalibration,
+        then runs before :meth:`add_loras`). Raises
         :class:`~optimizer.merge.errors.RecipeError` / ``MergeMethodError`` before touching the
         buffer when the recipe does not fit the bank's layout and parent count.
         """
@@ -118,7 +120,7 @@ class Merger:
         seed = recipe.seed if generator_seed is None else int(generator_seed)
         started = time.perf_counter()
         if self._fused is not None and method.coefficients is not None:
-            return self._merge_fused(recipe, names, started)
+            return self._merge_fused(recipe, names, started, with_loras=with_loras)
         calls = merged = 0
         with torch.inference_mode():
             for block in bank.layout.blocks:
@@ -131,7 +133,16 @@ class Merger:
                         calls += self._merge_segment(method, seg, _block_params(recipe, names, VAE_PARAMS_BLOCK), seed)
                         merged += seg.numel
             copied = self._settle_components(merged_vae=recipe.merge_vae)
-        return self._stats(recipe, started, calls=calls, merged=merged, copied=copied, backend="torch")
+        return self._stats(recipe, started, calls=calls, merged=merged, copied=copied, backend="torch", with_loras=with_loras)
+
+    def add_loras(self, recipe: MergeRecipe) -> LoraApplyStats | None:
+        """Add ``recipe``'s LoRAs to the buffer in place (after a ``merge(..., with_loras=False)``);
+        ``None`` when the recipe names none. Raises :class:`RecipeError` before touching the buffer."""
+        self._check_loras(recipe)
+        if not recipe.loras or self.loras is None:
+            return None
+        with torch.inference_mode():
+            return self.loras.apply(recipe.loras)
 
     def _check_loras(self, recipe: MergeRecipe) -> None:
         if not recipe.loras:
@@ -143,7 +154,7 @@ class Merger:
         except LoraError as exc:
             raise RecipeError(str(exc)) from None
 
-    def _merge_fused(self, recipe: MergeRecipe, names: tuple[str, ...], started: float) -> MergeStats:
+    def _merge_fused(self, recipe: MergeRecipe, names: tuple[str, ...], started: float, *, with_loras: bool) -> MergeStats:
         """All blocks (and, with ``merge_vae``, components) in one launch; components otherwise
         copied from parent 0 once, as in the torch path."""
         bank, fused = self.bank, self._fused
@@ -161,7 +172,7 @@ class Merger:
         with torch.inference_mode():
             fused(rows)
             copied = self._settle_components(merged_vae=recipe.merge_vae)
-        return self._stats(recipe, started, calls=1, merged=merged, copied=copied, backend="triton")
+        return self._stats(recipe, started, calls=1, merged=merged, copied=copied, backend="triton", with_loras=with_loras)
 
     def _settle_components(self, *, merged_vae: bool) -> int:
         """After a merge: components (VAE) that were not merged this time must hold parent 0's
@@ -179,12 +190,11 @@ class Merger:
                 self._component_is_parent0[name] = True
         return copied
 
-    def _stats(self, recipe: MergeRecipe, started: float, *, calls: int, merged: int, copied: int, backend: str) -> MergeStats:
-        """Add the recipe's LoRAs, wait for the device (so ``seconds`` is the merge's real duration) and report."""
-        lora = None
-        if recipe.loras and self.loras is not None:
-            with torch.inference_mode():
-                lora = self.loras.apply(recipe.loras)
+    def _stats(
+        self, recipe: MergeRecipe, started: float, *, calls: int, merged: int, copied: int, backend: str, with_loras: bool
+    ) -> MergeStats:
+        """Add the recipe's LoRAs (``with_loras``), wait for the device (so ``seconds`` is the merge's real duration) and report."""
+        lora = self.add_loras(recipe) if with_loras else None
         if self.output.device.type == "cuda":
             torch.cuda.synchronize(self.output.device)
         return MergeStats(

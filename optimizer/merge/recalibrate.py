@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -245,6 +245,42 @@ def _repeated_call(name: str) -> RecalibrationError:
     )
 
 
+def _forward_once_each(
+    unet: nn.Module,
+    batch: CalibrationBatch,
+    modules: Mapping[str, nn.Module],
+    on_output: Callable[..., Any],
+    *,
+    context: Callable[[], Any],
+    with_kwargs: bool = False,
+) -> None:
+    """One forward of ``batch`` under ``context()`` with ``on_output(name, module, args[, kwargs],
+    output)`` as a forward hook on each of ``modules`` (its return value replaces the output).
+    Hooks are removed even if the forward raises. Raises :class:`RecalibrationError` when a module
+    runs twice in the forward or never."""
+    seen: set[str] = set()
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, *rest: Any) -> Any:
+            if name in seen:
+                raise _repeated_call(name)
+            seen.add(name)
+            return on_output(name, module, args, *rest)
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name), with_kwargs=with_kwargs) for name, m in modules.items()]
+    try:
+        with context():
+            _forward(unet, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in modules if name not in seen]
+    if missing:
+        raise RecalibrationError(f"the forward pass never ran layer(s) {missing}")
+
+
 def collect_norm_statistics(
     *, unet: nn.Module, batch: CalibrationBatch, layers: Sequence[str] | None = None
 ) -> dict[str, NormStats]:
@@ -259,24 +295,10 @@ def collect_norm_statistics(
     modules = _resolve_layers(unet, layers)
     measured: dict[str, NormStats] = {}
 
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if name in measured:
-                raise _repeated_call(name)
-            measured[name] = _channel_stats(module, output)
+    def measure(name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
+        measured[name] = _channel_stats(module, output)
 
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(name)) for name, m in modules.items()]
-    try:
-        with torch.inference_mode():
-            _forward(unet, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [name for name in modules if name not in measured]
-    if missing:
-        raise RecalibrationError(f"the forward pass never ran layer(s) {missing}")
+    _forward_once_each(unet, batch, modules, measure, context=torch.inference_mode)
     return {name: measured[name] for name in modules}
 
 
@@ -429,39 +451,23 @@ def _recalibration_pass(
     eps: float,
 ) -> int:
     """One forward with correcting hooks; accumulates ``log s`` per channel; returns guarded channels."""
-    done: set[str] = set()
     guarded: list[Tensor] = []  # per-layer counts, summed once at the end (no device sync per layer)
 
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
-            if name in done:
-                raise _repeated_call(name)
-            done.add(name)
-            measured = _channel_stats(module, output)
-            target = targets[name]
-            ok = measured.std > eps
-            scale = torch.where(ok, target.std / measured.std.clamp_min(max(eps, torch.finfo(torch.float32).tiny)), 1.0)
-            guarded.append((~ok).sum())
-            weight, bias = module.weight, module.bias
-            new_weight = weight.detach().float() * scale
-            new_bias = (bias.detach().float() - measured.mean) * scale + target.mean
-            weight.copy_(new_weight)  # in place: same Parameter, same storage, dtype kept
-            bias.copy_(new_bias)
-            log_scale[name].add_(torch.log(scale))
-            return module.forward(*args, **kwargs)  # .forward: no hooks, so no recursion
+    def correct(name: str, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        measured = _channel_stats(module, output)
+        target = targets[name]
+        ok = measured.std > eps
+        scale = torch.where(ok, target.std / measured.std.clamp_min(max(eps, torch.finfo(torch.float32).tiny)), 1.0)
+        guarded.append((~ok).sum())
+        weight, bias = module.weight, module.bias
+        new_weight = weight.detach().float() * scale
+        new_bias = (bias.detach().float() - measured.mean) * scale + target.mean
+        weight.copy_(new_weight)  # in place: same Parameter, same storage, dtype kept
+        bias.copy_(new_bias)
+        log_scale[name].add_(torch.log(scale))
+        return module.forward(*args, **kwargs)  # .forward: no hooks, so no recursion
 
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(name), with_kwargs=True) for name, m in modules.items()]
-    try:
-        with torch.no_grad():
-            _forward(unet, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [name for name in modules if name not in done]
-    if missing:
-        raise RecalibrationError(f"the forward pass never ran layer(s) {missing}")
+    _forward_once_each(unet, batch, modules, correct, context=torch.no_grad, with_kwargs=True)
     return int(torch.stack(guarded).sum()) if guarded else 0
 
 

@@ -104,7 +104,21 @@ def _placement(members: Sequence[torch.nn.Module], *, kind: str) -> None:
     _agree([m.dtype for m in members], what=f"{kind} dtype")
 
 
-class EnsembleUNet(torch.nn.Module):
+class _Members(torch.nn.Module):
+    """An ensemble module whose ``dtype`` and ``device`` are its first member's (they all agree)."""
+
+    members: torch.nn.ModuleList
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.members[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+
+class EnsembleUNet(_Members):
     """A weighted sum of N ``UNet2DConditionModel`` predictions: ``eps = sum_i w_i * eps_i``.
 
     Every member is called with the same ``sample``, ``timestep`` and keyword arguments; with
@@ -169,14 +183,6 @@ class EnsembleUNet(torch.nn.Module):
     def config(self):
         """Member 0's config (a diffusers ``FrozenDict``); the members agree on :data:`UNET_FIELDS`."""
         return self.members[0].config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.members[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.members[0].device
 
     # ------------------------------------------------------------------ weights
     @property
@@ -245,7 +251,7 @@ class EnsembleUNet(torch.nn.Module):
         return UNet2DConditionOutput(sample=result)
 
 
-class EnsembleTextEncoder(torch.nn.Module):
+class EnsembleTextEncoder(_Members):
     """N CLIP text encoders on the same token ids, last hidden states concatenated on the feature axis.
 
     ``forward(input_ids)[0] = [h_0 | h_1 | ... | h_{N-1}]`` of shape ``[batch, tokens, sum_i d_i]``
@@ -284,14 +290,6 @@ class EnsembleTextEncoder(torch.nn.Module):
     def config(self):
         """Member 0's config with ``hidden_size`` = the concatenated width."""
         return self._config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.members[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.members[0].device
 
     @property
     def widths(self) -> tuple[int, ...]:

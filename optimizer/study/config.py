@@ -206,20 +206,28 @@ def _strength_defaults_global(value: Any) -> Any:
     return value
 
 
-class LoraConfig(_Strict):
-    """A LoRA added after the merge: its file, its name (default: the file stem) and how its strength
-    is searched. ``strength`` is a :class:`ParamSpace` over the blocks the LoRA touches (default: one
-    global strength in [0, 1]; ``share: per_block`` for one strength per block, ``groups`` to tie
-    blocks, ``value`` to pin it). ``lbw``: an LBW string or preset (``OUTALL``) whose per-block
-    values multiply a global strength. A ``strength`` mapping without ``share`` is global; a plain
-    number pins the strength."""
+class _AdapterConfig(_Strict):
+    """An adapter file, its name (default: the file stem) and how its strength is searched. A
+    ``strength`` mapping without ``share`` is global; a plain number pins the strength."""
 
     path: str
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     strength: ParamSpace = Field(default_factory=_global_strength)
-    lbw: str | None = None
 
     _defaults = model_validator(mode="before")(classmethod(lambda cls, value: _strength_defaults_global(value)))
+
+    @property
+    def resolved_name(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+class LoraConfig(_AdapterConfig):
+    """A LoRA added after the merge. ``strength`` is a :class:`ParamSpace` over the blocks the LoRA
+    touches (default: one global strength in [0, 1]; ``share: per_block`` for one strength per
+    block, ``groups`` to tie blocks, ``value`` to pin it). ``lbw``: an LBW string or preset
+    (``OUTALL``) whose per-block values multiply a global strength."""
+
+    lbw: str | None = None
 
     @model_validator(mode="after")
     def _lbw_global(self) -> LoraConfig:
@@ -227,29 +235,15 @@ class LoraConfig(_Strict):
             raise ValueError("lbw scales one global strength; set strength.share: global")
         return self
 
-    @property
-    def resolved_name(self) -> str:
-        return self.name or Path(self.path).stem
 
-
-class HypernetworkConfig(_Strict):
+class HypernetworkConfig(_AdapterConfig):
     """A hypernetwork applied at render time (A1111 ``.pt``); its strength is global."""
-
-    path: str
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-    strength: ParamSpace = Field(default_factory=_global_strength)
-
-    _defaults = model_validator(mode="before")(classmethod(lambda cls, value: _strength_defaults_global(value)))
 
     @model_validator(mode="after")
     def _global(self) -> HypernetworkConfig:
         if self.strength.value is None and self.strength.share != "global":
             raise ValueError("a hypernetwork has one strength: set strength.share: global")
         return self
-
-    @property
-    def resolved_name(self) -> str:
-        return self.name or Path(self.path).stem
 
 
 class RecalibrateConfig(_Strict):

@@ -35,7 +35,7 @@ import yaml
 from optimizer.atomic import write_text_atomic
 from optimizer.merge import MergeRecipe
 from optimizer.merge_files import LoadedParents, load_parents, merge_to_file, write_merged
-from optimizer.study.config import StudyConfig, StudyConfigError
+from optimizer.study.config import StudyConfig
 
 __all__ = ["FORMATS", "ExportError", "export_trial", "pick_trial", "recipe_document", "replay_recipe"]
 
@@ -79,9 +79,9 @@ def pick_trial(study: optuna.Study, which: str = "best", *, runner=None) -> optu
 
 
 def _adapter_entries(items: list[Any]) -> list[dict[str, str]]:
-    from optimizer.adapters.lora import _sha256
+    from optimizer.checkpoint.hashing import sha256_file
 
-    return [{"name": item.resolved_name, "path": str(item.path), "sha256": _sha256(Path(item.path))} for item in items]
+    return [{"name": item.resolved_name, "path": str(item.path), "sha256": sha256_file(item.path)} for item in items]
 
 
 def recipe_document(

@@ -212,14 +212,14 @@ class StudyRunner:
             alpha = recipe.params["alpha"][self.space.layout.blocks[0]]
             self.ensemble.set_weights([1.0 - alpha, alpha])
         elif self.recalibrator is not None:
-            stats = self.merger.merge(recipe.model_copy(update={"loras": {}}))
+            stats = self.merger.merge(recipe, with_loras=False)
             seconds["merge"] = stats.seconds
             if self.hypernetworks is not None:
                 self.hypernetworks.set_strengths([0.0] * len(self.hypernetworks))
             seconds["recalibrate"] = self.recalibrator.apply(recipe).seconds
-            if recipe.loras:
-                self.merger._check_loras(recipe)
-                seconds["lora"] = self.merger.loras.apply(recipe.loras).seconds
+            lora = self.merger.add_loras(recipe)
+            if lora is not None:
+                seconds["lora"] = lora.seconds
         else:
             stats = self.merger.merge(recipe)
             seconds["merge"] = stats.seconds

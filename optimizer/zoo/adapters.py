@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 
 import torch
 
+from optimizer.atomic import write_atomic, write_text_atomic
+from optimizer.checkpoint.hashing import sha256_file
 from optimizer.zoo import paths, train
 
 __all__ = ["ADAPTERS", "AdapterRecipe", "adapter_file", "train_adapters", "train_lora"]
@@ -97,14 +98,13 @@ def _save_lora(state: dict[str, torch.Tensor], path: Path, *, metadata: dict[str
     """Write ``state`` with diffusers' ``save_lora_weights`` (keys ``unet.<module>.lora_A.weight``), atomically."""
     from diffusers import StableDiffusionPipeline
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    def save(tmp: str) -> None:
         StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=state, weight_name=path.name, safe_serialization=True, unet_lora_adapter_metadata=metadata
+            os.path.dirname(tmp), unet_lora_layers=state, weight_name=os.path.basename(tmp), safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
         )
-        written = Path(tmp) / path.name
-        written.chmod(0o644)  # files in a private temporary folder are created 0600
-        os.replace(written, path)
+
+    write_atomic(path, save)
 
 
 def train_hypernetwork(*, vae, text_encoder, unet, recipe: AdapterRecipe, progress: bool = True):
@@ -126,12 +126,6 @@ def train_hypernetwork(*, vae, text_encoder, unet, recipe: AdapterRecipe, progre
         remove_hypernetworks(unet)
     hypernetwork.eval().requires_grad_(False)
     return hypernetwork
-
-
-def _sha256(path: Path) -> str:
-    from optimizer.adapters.lora import _sha256 as sha
-
-    return sha(path)
 
 
 def measure_adapters(zoo: Path, *, strengths: tuple[float, ...] = MEASURED_STRENGTHS, progress: bool = True) -> dict[str, dict[str, Any]]:
@@ -183,16 +177,13 @@ def train_adapters(*, zoo: Path | None = None, scale: float = 1.0, measure: bool
             hypernetwork = train_hypernetwork(vae=pipe.vae, text_encoder=pipe.text_encoder, unet=pipe.unet, recipe=recipe, progress=progress)
             path.parent.mkdir(parents=True, exist_ok=True)
             save_hypernetwork(hypernetwork, path)
-        entry = {**asdict(recipe), "file": path.relative_to(zoo).as_posix(), "sha256": _sha256(path), "seconds": round(time.perf_counter() - started, 1)}
+        entry = {**asdict(recipe), "file": path.relative_to(zoo).as_posix(), "sha256": sha256_file(path, use_cache=False), "seconds": round(time.perf_counter() - started, 1)}
         entries.append(entry)
     manifest: dict[str, Any] = {"format": 1, "built_by": "evomerge zoo adapters", "scale": scale, "versions": _versions(), "adapters": entries}
     if measure:
         manifest["figures"] = measure_adapters(zoo, progress=progress)
-    target = zoo / "adapters" / "adapters.json"
-    tmp = target.with_suffix(".json.tmp")
     text = json.dumps(manifest, indent=2) + "\n"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
+    write_text_atomic(zoo / "adapters" / "adapters.json", text)
     return json.loads(text)
 
 

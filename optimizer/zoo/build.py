@@ -15,7 +15,6 @@ manifest within :data:`TOLERANCES`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from optimizer.checkpoint.hashing import sha256_file
 from optimizer.checkpoint.keymap import diffusers_to_ldm
 from optimizer.checkpoint.save import save_safetensors
 from optimizer.zoo import clip_model, models, oracle, paths, train
@@ -47,11 +47,7 @@ class ZooError(RuntimeError):
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path, use_cache=False)  # verification: always read the bytes
 
 
 #: trained adapters (``evomerge zoo adapters``) have their own manifest, ``adapters/adapters.json``
