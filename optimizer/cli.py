@@ -187,6 +187,9 @@ def score(
         typer.echo(f"{row['objective']:<12} {row['direction']:<9} {row['value']:>12.4f} {row['images']:>7}")
 
 
+THREADS_HELP = ("CPU threads torch may use in this process (default: torch's choice, about one per core). "
+                "Several processes on one machine: give each cores / processes, or they slow each other down.")
+
 study_app = typer.Typer(help="Optuna studies over merge recipes: run, resume.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
 
@@ -236,10 +239,14 @@ def _open_study(study: Path, *, storage: str | None = None):
     return config, folder, loaded
 
 
-def _run(config, folder, *, storage: str | None = None, progress: bool = True, salt: int = 0) -> None:
+def _run(config, folder, *, storage: str | None = None, progress: bool = True, salt: int = 0, threads: int | None = None) -> None:
     from optimizer.study.report import write_report
     from optimizer.study.runner import run_study
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     folder.write_config(config)
     study = run_study(config, folder=folder, progress=progress, storage_url=storage, salt=salt)
     _summary(study, config, folder)
@@ -281,6 +288,7 @@ def study_run(
     study_file: Annotated[Path, typer.Argument(help="Study file (YAML).")],
     out: Annotated[Path | None, typer.Option(help="Study folder (default: out/<name>).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
 ) -> None:
     """Run a study: build parents, pipeline and scorers once, then merge -> render -> score per trial."""
     from optimizer.study.config import load_study_config
@@ -289,7 +297,7 @@ def study_run(
     _quiet_optuna()
     try:
         config = load_study_config(study_file)
-        _run(config, StudyFolder(out or Path("out") / config.name), progress=progress)
+        _run(config, StudyFolder(out or Path("out") / config.name), progress=progress, threads=threads)
     except _study_errors() as exc:
         raise _fail(str(exc)) from None
 
@@ -298,6 +306,7 @@ def study_run(
 def study_resume(
     folder: Annotated[Path, typer.Argument(help="Study folder (holds study.yaml and study.db).")],
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
 ) -> None:
     """Continue a study after a crash or kill: trials of a dead process are failed (heartbeat) and retried."""
     from optimizer.study.config import load_study_config
@@ -308,7 +317,7 @@ def study_resume(
     if not where.config.is_file():
         raise _fail(f"{folder} is not a study folder (no study.yaml)")
     try:
-        _run(load_study_config(where.config), where, progress=progress)
+        _run(load_study_config(where.config), where, progress=progress, threads=threads)
     except _study_errors() as exc:
         raise _fail(str(exc)) from None
 
@@ -319,6 +328,7 @@ def worker(
     study: Annotated[str, typer.Option("--study", help="Study name.")],
     out: Annotated[Path | None, typer.Option(help="Local folder for artifacts and reports (default: out/<name>).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = False,
+    threads: Annotated[int | None, typer.Option(min=1, help=THREADS_HELP)] = None,
 ) -> None:
     """Join a running study from another process, GPU or host (the study file is read from the storage)."""
     import optuna
@@ -340,7 +350,7 @@ def worker(
         import zlib
 
         salt = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) or 1
-        _run(config, StudyFolder(out or Path("out") / config.name), storage=storage, progress=progress, salt=salt)
+        _run(config, StudyFolder(out or Path("out") / config.name), storage=storage, progress=progress, salt=salt, threads=threads)
     except _study_errors() as exc:
         raise _fail(str(exc)) from None
 

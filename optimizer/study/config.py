@@ -264,6 +264,13 @@ class HeartbeatConfig(_Strict):
     grace: int = Field(default=30, ge=2)
     max_retry: int = Field(default=2, ge=0)
 
+    @model_validator(mode="after")
+    def _grace_outlasts_a_beat(self) -> "HeartbeatConfig":
+        if self.grace <= self.interval:
+            raise ValueError(f"grace ({self.grace} s) must be longer than interval ({self.interval} s), "
+                             "or live trials would be failed between two beats")
+        return self
+
 
 class StudyConfig(_Strict):
     """A whole study (see the module docstring)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from optimizer.adapters.lbw import parse_lbw
 from optimizer.adapters.lora import load_loras
 from optimizer.study.samplers import make_pruner, make_sampler, process_seed
 from optimizer.study.space import BoundSpace, bind_space, suggest_recipe, warm_start_params
+from optimizer.study.liveness import budget_usage, fail_dead_trials
 from optimizer.study.storage import CONFIG_ATTR, StudyFolder, open_storage
 from optimizer.zoo.paths import clip_weights_or_zoo
 
@@ -229,6 +231,12 @@ class StudyRunner:
             self.hypernetworks.set_strengths({h.name: recipe.hypernetworks.get(h.name, 0.0) for h in self.hypernetworks})
         return seconds
 
+    @property
+    def worker(self) -> dict[str, Any]:
+        """Which process ran a trial: host, pid, device and torch's CPU thread count."""
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.parents.bank.device),
+                "threads": torch.get_num_threads()}
+
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         started = time.perf_counter()
         recipe = suggest_recipe(trial, self.space)
@@ -248,6 +256,7 @@ class StudyRunner:
             "seconds", {**prepared, "render": info["render"], "score": info["score"], "total": time.perf_counter() - started}
         )
         trial.set_user_attr("images", info["images"])
+        trial.set_user_attr("worker", self.worker)
         if info["grid"] is not None:
             self._upload_grid(trial, info["grid"], info["prompts"])
         if self.config.mode == "pareto":
@@ -297,21 +306,25 @@ class _Progress:
             self.bar.set_postfix_str(f"{len(study.best_trials)} Pareto trials")
 
 
-def _finished(study: optuna.Study) -> int:
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
+class _TrialBudget:
+    """Callback: after each trial, fail dead trials of any process (see :mod:`optimizer.study.liveness`)
+    and stop this process's loop once finished + live trials of all processes reach the budget."""
+
+    def __init__(self, *, trials: int, storage: optuna.storages.RDBStorage, grace: float) -> None:
+        self.trials, self.storage, self.grace = trials, storage, grace
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        fail_dead_trials(study, storage=self.storage, grace=self.grace)
+        if budget_usage(study, storage=self.storage, grace=self.grace).used >= self.trials:
+            study.stop()
 
 
-def create_or_load_study(
-    config: StudyConfig, *, folder: StudyFolder, storage_url: str | None = None
-) -> tuple[optuna.Study, bool]:
+def create_or_load_study(config: StudyConfig, *, storage: optuna.storages.RDBStorage) -> tuple[optuna.Study, bool]:
     """The Optuna study of ``config`` (created with the config stored in it, or loaded); ``True`` if new.
 
     Loading a study whose stored config differs from ``config`` is an error: a study's trials only
     mean something under one config.
     """
-    url = storage_url or folder.storage_url(config)
-    storage = open_storage(url, heartbeat=config.heartbeat)
     stored = json.dumps(config.model_dump(mode="json"), sort_keys=True)
     try:
         existing = optuna.load_study(study_name=config.name, storage=storage)
@@ -320,7 +333,7 @@ def create_or_load_study(
     if existing is not None:
         if existing.user_attrs.get(CONFIG_ATTR) != stored:
             raise StudyConfigError(
-                f"study {config.name!r} already exists in {url} with a different study file; "
+                f"study {config.name!r} already exists in {storage.url} with a different study file; "
                 "give it a new name, or use `evomerge study resume` with the stored one"
             )
         existing.pruner = make_pruner(config.pruner)
@@ -349,9 +362,17 @@ def run_study(
 ) -> optuna.Study:
     """Create or resume the study and run trials until the budget is spent (see the module docstring).
 
+    Budget: with ``budget.trials`` the study ends with that many finished (COMPLETE or PRUNED)
+    trials, counted over every process sharing it: a trial starts only while finished + live
+    RUNNING trials (of all processes) are fewer than the budget, and a process that finds the rest
+    of the budget in other processes' live trials waits for them (failing and retrying those whose
+    process died) rather than exiting; two processes deciding in the same instant can still both
+    start one. ``budget.seconds`` bounds this process's wall time, waiting included.
+
     ``storage_url`` overrides the study file's storage (a worker joining a shared study); ``salt``
     makes a worker's sampler seed differ from every other process's (see ``process_seed``)."""
-    study, new = create_or_load_study(config, folder=folder, storage_url=storage_url)
+    storage = open_storage(storage_url or folder.storage_url(config), heartbeat=config.heartbeat)
+    study, new = create_or_load_study(config, storage=storage)
     runner = runner or StudyRunner(config, folder=folder)
     if not new or salt:
         # read the trials only now, after the heavy set-up (see process_seed)
@@ -362,16 +383,30 @@ def run_study(
     if new and config.warm_start:
         for params in warm_start_params(runner.space, config.warm_start):
             study.enqueue_trial(params, skip_if_exists=True)
-    budget = config.budget
-    done = _finished(study)
-    if budget.trials is not None and done >= budget.trials:
-        return study
-    bar = _Progress(total=budget.trials, initial=done, enabled=progress, max_consecutive_failures=max_consecutive_failures)
+    budget, beat = config.budget, config.heartbeat
+    deadline = None if budget.seconds is None else time.monotonic() + budget.seconds
+    usage = budget_usage(study, storage=storage, grace=beat.grace)
+    bar = _Progress(total=budget.trials, initial=usage.finished, enabled=progress, max_consecutive_failures=max_consecutive_failures)
     callbacks: list[Any] = [bar]
     if budget.trials is not None:
-        callbacks.append(optuna.study.MaxTrialsCallback(budget.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
+        callbacks.append(_TrialBudget(trials=budget.trials, storage=storage, grace=beat.grace))
     try:
-        study.optimize(runner, n_trials=None, timeout=budget.seconds, catch=TRIAL_ERRORS, callbacks=callbacks, gc_after_trial=False)
+        while True:
+            fail_dead_trials(study, storage=storage, grace=beat.grace)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            if budget.trials is not None:
+                usage = budget_usage(study, storage=storage, grace=beat.grace)
+                if usage.finished >= budget.trials:
+                    break
+                if usage.used >= budget.trials:  # the rest of the budget is in other processes' hands
+                    bar.bar.set_postfix_str(f"waiting for {usage.live} trial(s) of other processes")
+                    time.sleep(min(beat.interval, left) if left is not None else beat.interval)
+                    continue
+            study.optimize(runner, n_trials=None, timeout=left, catch=TRIAL_ERRORS, callbacks=callbacks, gc_after_trial=False)
+            if bar.failures >= max_consecutive_failures or budget.trials is None:
+                break
     finally:
         bar.bar.close()
     if bar.failures >= max_consecutive_failures:

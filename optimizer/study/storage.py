@@ -53,7 +53,8 @@ class StudyFolder:
 
 def open_storage(url: str, *, heartbeat: HeartbeatConfig) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeat: a trial whose process died is failed after ``grace``
-    seconds and re-enqueued (up to ``max_retry`` times) by ``RetryFailedTrialCallback``."""
+    seconds and re-enqueued (up to ``max_retry`` times) by ``RetryHeartbeatStaleTrialCallback``
+    (see :mod:`optimizer.study.liveness` for trials that died before their first beat)."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         return optuna.storages.RDBStorage(
@@ -61,22 +62,10 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig) -> optuna.storages.RDB
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat.interval,
             grace_period=heartbeat.grace,
-            failed_trial_callback=_retry_callback(heartbeat.max_retry),
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry),
         )
     except Exception as exc:  # noqa: BLE001 - sqlalchemy raises many kinds
         raise StudyConfigError(f"storage {url!r} cannot be opened: {exc}") from None
-
-
-def _retry_callback(max_retry: int):
-    """``RetryFailedTrialCallback`` as the storage's ``failed_trial_callback``: it re-enqueues a
-    trial that heartbeat failed. (Optuna 5 marks it deprecated in favour of
-    ``RetryHeartbeatStaleTrialCallback``, which, passed as ``heartbeat_stale_trial_callback``, left
-    the killed trial RUNNING in our kill -9 test; kept until that is understood.)"""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)
 
 
 def config_from_study(study: optuna.Study) -> StudyConfig:
