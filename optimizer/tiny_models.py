@@ -104,26 +104,26 @@ def _sd_unet(*, cross_attention_dim: int, linear: bool):
     )
 
 
-def tiny_sd1_components(seed: int = 0) -> dict[str, torch.nn.Module]:
-    """``{"unet", "vae", "text_encoder"}`` of a tiny SD1-topology model (eval mode, float32)."""
+def _tiny_sd_components(*, seed: int, width: int, act: str, linear: bool) -> dict[str, torch.nn.Module]:
+    """An SD1/SD2-topology model: a ``width``-wide CLIP text tower (``act``) and a UNet with
+    linear (SD2) or conv (SD1) transformer projections."""
     from transformers import CLIPTextModel
 
     _seeded(seed)
-    text_encoder = CLIPTextModel(_clip_config(hidden=32, act="quick_gelu", projection=32))
-    unet = _sd_unet(cross_attention_dim=32, linear=False)
+    text_encoder = CLIPTextModel(_clip_config(hidden=width, act=act, projection=width))
+    unet = _sd_unet(cross_attention_dim=width, linear=linear)
     vae = _tiny_vae()
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval()}
+
+
+def tiny_sd1_components(seed: int = 0) -> dict[str, torch.nn.Module]:
+    """``{"unet", "vae", "text_encoder"}`` of a tiny SD1-topology model (eval mode, float32)."""
+    return _tiny_sd_components(seed=seed, width=32, act="quick_gelu", linear=False)
 
 
 def tiny_sd2_components(seed: int = 0) -> dict[str, torch.nn.Module]:
     """``{"unet", "vae", "text_encoder"}`` of a tiny SD2-topology model (OpenCLIP-style text tower)."""
-    from transformers import CLIPTextModel
-
-    _seeded(seed)
-    text_encoder = CLIPTextModel(_clip_config(hidden=48, act="gelu", projection=48))
-    unet = _sd_unet(cross_attention_dim=48, linear=True)
-    vae = _tiny_vae()
-    return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval()}
+    return _tiny_sd_components(seed=seed, width=48, act="gelu", linear=True)
 
 
 def tiny_sdxl_components(seed: int = 0) -> dict[str, torch.nn.Module]:

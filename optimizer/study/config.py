@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -104,29 +105,30 @@ class WarmStart(_Strict):
         return self
 
 
+def _registered(kind: str, registry: Mapping[str, Any]):
+    """A ``name`` field validator: the value must be a key of ``registry``."""
+
+    def check(value: str) -> str:
+        if value not in registry:
+            raise ValueError(f"unknown {kind} {value!r}; known: {', '.join(registry)}")
+        return value
+
+    return field_validator("name")(check)
+
+
 class SamplerConfig(_Strict):
     name: str = "tpe"
     seed: int | None = 0
     options: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in SAMPLERS:
-            raise ValueError(f"unknown sampler {value!r}; known: {', '.join(SAMPLERS)}")
-        return value
+    _known = _registered("sampler", SAMPLERS)
 
 
 class PrunerConfig(_Strict):
     name: str = "median"
     options: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in PRUNERS:
-            raise ValueError(f"unknown pruner {value!r}; known: {', '.join(PRUNERS)}")
-        return value
+    _known = _registered("pruner", PRUNERS)
 
 
 class ObjectiveConfig(_Strict):
