@@ -16,11 +16,10 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from optimizer.study.config import StudyConfigError, parse_study_config
+from optimizer.study.config import HeartbeatConfig, StudyConfigError, parse_study_config
 from optimizer.study.liveness import budget_usage, fail_dead_trials, running_trials
 from optimizer.study.runner import StudyFailed, run_study
 from optimizer.study.storage import StudyFolder, open_storage
-from optimizer.study.config import HeartbeatConfig
 from tests.test_study import _study_data, needs_zoo
 
 pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
