@@ -31,21 +31,17 @@ import gc
 import importlib.util
 import json
 import math
-import os
-import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-if str(REPO) not in sys.path:  # allow `python bench/bench_merge.py` without an editable install
-    sys.path.insert(0, str(REPO))
+if __package__:  # python -m bench.bench_merge
+    from . import _common as common
+else:  # python bench/bench_merge.py
+    import _common as common
 
 SD15_UNET_TENSORS = 686
 SD15_UNET_PARAMS = 859_520_964
@@ -67,7 +63,7 @@ def _mecha_sd1_ldm_yaml() -> Path | None:
     spec = importlib.util.find_spec("sd_mecha")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "extensions" / "builtin" / "model_configs" / "sd1-ldm.yaml"
+    path = Path(next(iter(spec.submodule_search_locations))) / "extensions" / "builtin" / "model_configs" / "sd1-ldm.yaml"
     return path if path.is_file() else None
 
 
@@ -189,24 +185,10 @@ class Timer:
     """Wall clock on CPU; CUDA events on CUDA (``merger.merge`` itself also synchronizes)."""
 
     def __init__(self, device: str) -> None:
-        import torch
-
-        self.cuda = device.startswith("cuda")
-        self.torch = torch
+        self.device = device
 
     def once(self, fn) -> float:
-        if self.cuda:
-            start = self.torch.cuda.Event(enable_timing=True)
-            end = self.torch.cuda.Event(enable_timing=True)
-            self.torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000.0
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+        return common.timed(fn, device=self.device, cuda_events=True)[1]
 
     def interleaved(self, fns: dict, reps: int, warmup: int = 1) -> dict:
         """Time each of ``fns`` ``reps`` times, round-robin (one call of each per round), so that
@@ -222,47 +204,10 @@ class Timer:
         first = next(iter(fns))
         out = {}
         for name, ts in times.items():
-            out[name] = _stats(ts, warmup)
+            out[name] = common.timing_stats(ts, warmup=warmup)
             if name != first:
                 out[name][f"paired_{first}_over_this_median"] = statistics.median(k / t for k, t in zip(times[first], ts))
         return out
-
-
-def _stats(ts: list[float], warmup: int) -> dict:
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "reps": len(ts), "warmup": warmup, "all_s": ts}
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_hwm() -> bool:
-    """Reset the peak-RSS counter (Linux >= 4.0: echo 5 > /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,19 +225,14 @@ def _setup(args):
     return torch, shapes, dtype, layout
 
 
-def _sync(torch, device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def worker_kernel(args) -> dict:
     """Kernel vs floors vs naive loop, plus correctness, for one dtype."""
     torch, shapes, dtype, layout = _setup(args)
-    from optimizer.merge import MergeRecipe, Merger, ParentBank
+    from optimizer.merge import Merger, MergeRecipe, ParentBank
 
     device = args.device
     timer = Timer(device)
-    res: dict = {"dtype": args.dtype, "device": device, "loadavg_start": loadavg()}
+    res: dict = {"dtype": args.dtype, "device": device, "loadavg_start": common.loadavg()}
     phases: dict[str, float] = {}
     res["phases_s"] = phases
 
@@ -301,13 +241,13 @@ def worker_kernel(args) -> dict:
     phases["parents"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     bank = ParentBank.build(state_dicts=[sd_a, sd_b], layout=layout, device=device, dtype=dtype)
-    _sync(torch, device)
+    common.cuda_sync(device)
     phases["bank_build"] = time.perf_counter() - t0
     del sd_a, sd_b
     gc.collect()
     t0 = time.perf_counter()
     merger = Merger(bank)
-    _sync(torch, device)
+    common.cuda_sync(device)
     phases["merger_init"] = time.perf_counter() - t0
     recipe = MergeRecipe.from_mbw(method="weighted_sum", layout=layout, mbw=MBW)
     a, b = bank.buffers
@@ -382,12 +322,9 @@ def worker_kernel(args) -> dict:
     for _ in range(args.naive_reps):
         naive = None
         gc.collect()
-        _sync(torch, device)
-        t1 = time.perf_counter()
-        naive = naive_loop()
-        _sync(torch, device)
-        times.append(time.perf_counter() - t1)
-    res["naive"] = _stats(times, 1)
+        naive, seconds = common.timed(naive_loop, device=device)
+        times.append(seconds)
+    res["naive"] = common.timing_stats(times, warmup=1)
     phases["naive"] = time.perf_counter() - t0
 
     # correctness: the kernel's output after a fresh merge vs the naive result
@@ -426,42 +363,42 @@ def worker_kernel(args) -> dict:
     gc.collect()
     if device.startswith("cuda"):
         res["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated()
-    res["loadavg_end"] = loadavg()
+    res["loadavg_end"] = common.loadavg()
     return res
 
 
 def worker_memory(args) -> dict:
     """Peak memory of bank build + Merger + merges, in a fresh process."""
     torch, shapes, dtype, layout = _setup(args)
-    from optimizer.merge import MergeRecipe, Merger, ParentBank
+    from optimizer.merge import Merger, MergeRecipe, ParentBank
 
     device = args.device
     cuda = device.startswith("cuda")
     res: dict = {"dtype": args.dtype, "device": device}
     recipe = MergeRecipe.from_mbw(method="weighted_sum", layout=layout, mbw=MBW)
     gc.collect()
-    res["rss_baseline"] = rss_bytes()  # interpreter + torch + optimizer imported, no data yet
+    res["rss_baseline"] = common.proc_status_bytes("VmRSS")  # interpreter + torch + optimizer imported, no data yet
     sd_a, sd_b = parent_state_dict(shapes, SEED_A), parent_state_dict(shapes, SEED_B)
-    res["rss_with_source_dicts"] = rss_bytes()  # + the two 128 MB random pools
-    res["hwm_reset"] = reset_hwm()
+    res["rss_with_source_dicts"] = common.proc_status_bytes("VmRSS")  # + the two 128 MB random pools
+    res["hwm_reset"] = common.reset_hwm()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     bank = ParentBank.build(state_dicts=[sd_a, sd_b], layout=layout, device=device, dtype=dtype)
     del sd_a, sd_b
     gc.collect()
-    res["rss_after_bank"] = rss_bytes()
+    res["rss_after_bank"] = common.proc_status_bytes("VmRSS")
     merger = Merger(bank)
-    res["rss_after_merger"] = rss_bytes()
-    res["peak_rss_build"] = hwm_bytes()
+    res["rss_after_merger"] = common.proc_status_bytes("VmRSS")
+    res["peak_rss_build"] = common.proc_status_bytes("VmHWM")
     if cuda:
         res["cuda_peak_build"] = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    reset_hwm()
-    rss0 = rss_bytes()
+    common.reset_hwm()
+    rss0 = common.proc_status_bytes("VmRSS")
     for _ in range(3):
         merger.merge(recipe)
-    res["rss_after_merges"] = rss_bytes()
-    res["peak_rss_merge_phase"] = hwm_bytes()
+    res["rss_after_merges"] = common.proc_status_bytes("VmRSS")
+    res["peak_rss_merge_phase"] = common.proc_status_bytes("VmHWM")
     res["merge_phase_growth"] = res["peak_rss_merge_phase"] - rss0
     if cuda:
         res["cuda_peak_merge_phase"] = torch.cuda.max_memory_allocated()
@@ -510,7 +447,7 @@ def worker_mecha(args) -> dict:
 
     logging.getLogger().setLevel(logging.ERROR)
     device = args.device
-    res: dict = {"dtype": args.dtype, "device": device, "version": _version("sd-mecha")}
+    res: dict = {"dtype": args.dtype, "device": device, "version": common.package_version("sd-mecha")}
     tmp = Path(tempfile.mkdtemp(prefix="evomerge-bench-", dir=args.tmpdir))
     pa, pb = tmp / "parent_a.safetensors", tmp / "parent_b.safetensors"
     try:
@@ -550,7 +487,7 @@ def worker_mecha(args) -> dict:
         loads = []
         out = None
         for _ in range(args.mecha_reps):
-            loads.append(loadavg())
+            loads.append(common.loadavg())
             out = None
             gc.collect()
             t0 = time.perf_counter()
@@ -562,10 +499,9 @@ def worker_mecha(args) -> dict:
                 output_dtype=dtype,
                 tqdm=_NoBar,
             )
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            common.cuda_sync(device)
             times.append(time.perf_counter() - t0)
-        res["merge"] = _stats(times, 0)
+        res["merge"] = common.timing_stats(times, warmup=0)
         res["merge"]["loadavg_before_each"] = loads
         res["output"] = "in-memory dict (output=None)"
         res["threads"] = "default: min(max(open files, 2), cpu_count, 4)"
@@ -616,73 +552,17 @@ WORKERS = {"kernel": worker_kernel, "memory": worker_memory, "mecha": worker_mec
 # driver
 
 
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def machine_info(device: str) -> dict:
-    import torch
-
-    info = {
-        "hostname": socket.gethostname(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_model": None,
-        "mem_total_bytes": None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_cuda_build": torch.version.cuda,
-        "device": device,
-        "cuda_device": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
-        "diffusers": _version("diffusers"),
-        "safetensors": _version("safetensors"),
-        "sd_mecha": _version("sd-mecha"),
-        "evomerge": _version("evomerge"),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["mem_total_bytes"] = int(line.split()[1]) * 1024
-                break
-    except OSError:
-        pass
-    return info
-
-
 def run_worker(kind: str, dtype: str, args, shapes_path: Path) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = Path(f.name)
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--_worker", kind, "--_out", str(out),
+        "--_worker", kind,
         "--_dtype", dtype, "--_shapes", str(shapes_path), "--device", args.device,
         "--reps", str(args.reps), "--naive-reps", str(args.naive_reps), "--mecha-reps", str(args.mecha_reps),
         "--tmpdir", args.tmpdir, "--tiles", ",".join(f"{t}:{w}" for t, w in args.tiles), "--method-reps", str(args.method_reps),
     ] + (["--methods"] if args.methods else [])
-    t0 = time.perf_counter()
     print(f"[bench] {kind:6s} {dtype} ...", end="", flush=True)
-    proc = subprocess.run(cmd, cwd=REPO)
-    wall = time.perf_counter() - t0
-    try:
-        if proc.returncode != 0:
-            print(f" FAILED (exit {proc.returncode})")
-            return {"error": f"worker exited {proc.returncode}", "wall_s": wall}
-        res = json.loads(out.read_text())
-        res["wall_s"] = wall
-        print(f" {wall:.1f} s")
-        return res
-    finally:
-        out.unlink(missing_ok=True)
+    res, returncode = common.run_worker(__file__, cmd)
+    print(f" FAILED (exit {returncode})" if returncode != 0 else f" {res['wall_s']:.1f} s")
+    return res
 
 
 def _ratio(x: float | None, y: float | None) -> float | None:
@@ -852,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("sd-mecha is not installed: pip install sd-mecha (see bench/README.md), or pass --skip-mecha")
 
     started = time.perf_counter()
-    info = machine_info(args.device)
+    info = common.machine_info(device=args.device, packages=("diffusers", "safetensors", "sd-mecha", "evomerge"))
     t0 = time.perf_counter()
     shapes, source = sd15_unet_shapes()
     print(f"[bench] SD1.5 UNet: {len(shapes)} tensors, {sum(math.prod(s) for s in shapes.values()):,} params ({time.perf_counter() - t0:.1f} s)")
@@ -885,9 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         "raw": raw,
         "total_wall_s": time.perf_counter() - started,
     }
-    out = Path(args.output) if args.output else HERE / "results" / f"merge-{socket.gethostname()}-{_dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    out = common.write_json(Path(args.output) if args.output else common.result_path("merge"), result, default=str)
     print(f"[bench] wrote {out} (total {result['total_wall_s']:.0f} s)")
     ok = all(summary[d]["correct"] for d in dtypes) and all(summary[d]["mecha_correct"] in (None, True) for d in dtypes)
     return 0 if ok else 1

@@ -24,36 +24,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import socket
-import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+if __package__:  # python -m bench.bench_objectives
+    from . import _common as common
+else:  # python bench/bench_objectives.py
+    import _common as common
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-SHARED = REPO.parent / "shared" / "assets"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device: torch.device):
-    _sync(device)
-    start = time.perf_counter()
-    value = fn()
-    _sync(device)
-    return value, time.perf_counter() - start
+SHARED = common.REPO.parent / "shared" / "assets"
 
 
 def _score(objective, images, prompts) -> float:
@@ -62,8 +47,23 @@ def _score(objective, images, prompts) -> float:
     return objective.compute()
 
 
+def _score_all(objectives: dict, images, prompts, *, device: torch.device, render_s: float, warmup_images: int) -> dict:
+    """Per objective: one untimed warm-up on the first ``warmup_images`` images, then the timed
+    score of all of them: ``{name: {"value", "seconds", "share_of_render"}}``."""
+    rows = {}
+    for name, objective in objectives.items():
+        _score(objective, images[:warmup_images], prompts[:warmup_images])  # warm-up
+        value, seconds = common.timed(lambda o=objective: _score(o, images, prompts), device=device)
+        rows[name] = {"value": value, "seconds": seconds, "share_of_render": seconds / render_s}
+    return rows
+
+
 def bench_zoo(device: torch.device) -> dict:
-    from objectives.clip_score import CLIPImageFeatures, CLIPScoreObjective, load_open_clip
+    from objectives.clip_score import (
+        CLIPImageFeatures,
+        CLIPScoreObjective,
+        load_open_clip,
+    )
     from objectives.fid import FIDObjective, KIDObjective, reference_features
     from objectives.inception import InceptionFeatures
     from optimizer.render.prompts import load_prompt_set
@@ -78,7 +78,7 @@ def bench_zoo(device: torch.device) -> dict:
     jobs = prompt_set.jobs("search")
     renderer = Renderer(load_zoo_pipeline("base").to(device), prompt_set=prompt_set)
     renderer.render(jobs[:4])  # warm-up
-    images, render_s = _timed(lambda: renderer.render(jobs), device)
+    images, render_s = common.timed(lambda: renderer.render(jobs), device=device)
     prompts = [j.prompt for j in jobs]
 
     clip_model, clip_tokenizer = load_open_clip("evomerge-digits-clip", pretrained=paths.clip_file(zoo), device=device)
@@ -93,16 +93,17 @@ def bench_zoo(device: torch.device) -> dict:
         "KID (InceptionV3)": KIDObjective(reference=ref_inception, feature=inception),
         "FID (zoo CLIP features)": FIDObjective(reference=ref_clip, feature=clip_features),
     }
-    rows = {}
-    for name, objective in objectives.items():
-        _score(objective, images[:4], prompts[:4])  # warm-up
-        value, seconds = _timed(lambda o=objective: _score(o, images, prompts), device)
-        rows[name] = {"value": value, "seconds": seconds, "share_of_render": seconds / render_s}
+    rows = _score_all(objectives, images, prompts, device=device, render_s=render_s, warmup_images=4)
     return {"images": len(jobs), "size": list(renderer.size), "steps": prompt_set.steps, "render_seconds": render_s, "objectives": rows}
 
 
 def _sd15_pipeline(device: torch.device):
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from optimizer.checkpoint.config_dir import diffusers_config_dir
@@ -130,7 +131,13 @@ def bench_sd15(device: torch.device, *, images: int, steps: int) -> dict:
 
     from objectives.aesthetic import AestheticObjective, MLPHead, load_aesthetic_head
     from objectives.clip_score import CLIPScoreObjective
-    from objectives.fid import FIDObjective, KIDObjective, image_files, load_images, reference_features
+    from objectives.fid import (
+        FIDObjective,
+        KIDObjective,
+        image_files,
+        load_images,
+        reference_features,
+    )
     from objectives.inception import InceptionFeatures
     from optimizer.render.prompts import parse_prompt_set
     from optimizer.render.renderer import Renderer
@@ -141,11 +148,11 @@ def bench_sd15(device: torch.device, *, images: int, steps: int) -> dict:
     jobs = prompt_set.jobs("search")
     pipe = _sd15_pipeline(device)
     renderer = Renderer(pipe, prompt_set=prompt_set, batch_size=images)
-    out, render_s = _timed(lambda: renderer.render(jobs), device)
+    out, render_s = common.timed(lambda: renderer.render(jobs), device=device)
     result: dict = {"images": images, "size": [512, 512], "steps": steps, "render_seconds_vae": render_s}
     latents = torch.randn(images, 4, 64, 64, device=device)
     with torch.no_grad():
-        _, decode_s = _timed(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample, device)
+        _, decode_s = common.timed(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample, device=device)
     result["decode_seconds_vae"] = decode_s
     taesd_dir = SHARED / "taesd"
     if taesd_dir.is_dir():
@@ -153,9 +160,9 @@ def bench_sd15(device: torch.device, *, images: int, steps: int) -> dict:
 
         tiny = load_taesd(directory=taesd_dir, variant="sd", device=device)
         fast = Renderer(swap_decoder(pipe, tiny), prompt_set=prompt_set, batch_size=images)
-        _, fast_s = _timed(lambda: fast.render(jobs), device)
+        _, fast_s = common.timed(lambda: fast.render(jobs), device=device)
         with torch.no_grad():
-            _, tiny_decode_s = _timed(lambda: tiny.decode(latents).sample, device)
+            _, tiny_decode_s = common.timed(lambda: tiny.decode(latents).sample, device=device)
         result.update(render_seconds_taesd=fast_s, decode_seconds_taesd=tiny_decode_s, render_vae_over_taesd=render_s / fast_s)
     else:
         result["taesd"] = "skipped: ../shared/assets/taesd is absent"
@@ -175,12 +182,7 @@ def bench_sd15(device: torch.device, *, images: int, steps: int) -> dict:
         "FID (InceptionV3)": FIDObjective(reference=ref, feature=inception),
         "KID (InceptionV3)": KIDObjective(reference=ref, feature=inception),
     }
-    rows = {}
-    for name, objective in objectives.items():
-        _score(objective, out[:2], prompts[:2])
-        value, seconds = _timed(lambda o=objective: _score(o, out, prompts), device)
-        rows[name] = {"value": value, "seconds": seconds, "share_of_render": seconds / render_s}
-    result["objectives"] = rows
+    result["objectives"] = _score_all(objectives, out, prompts, device=device, render_s=render_s, warmup_images=2)
     return result
 
 
@@ -215,11 +217,7 @@ def main() -> None:
         print(f"  {'objective':28s} {'seconds':>8s} {'/ render':>9s} {'value':>10s}")
         for name, row in r["objectives"].items():
             print(f"  {name:28s} {row['seconds']:8.3f} {row['share_of_render']:9.3f} {row['value']:10.4f}")
-    out = args.out or HERE / "results" / f"objectives-{report['host']}-{report['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(out)
+    out = common.write_json(args.out or common.result_path("objectives", date=report["date"]), report)
     print(f"\nwrote {out}")
 
 

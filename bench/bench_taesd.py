@@ -29,23 +29,19 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import resource
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-if str(REPO) not in sys.path:  # allow `python bench/bench_taesd.py` without an editable install
-    sys.path.insert(0, str(REPO))
+if __package__:  # python -m bench.bench_taesd
+    from . import _common as common
+else:  # python bench/bench_taesd.py
+    import _common as common
 
-SD15_VAE_CONFIG = REPO / "optimizer" / "checkpoint" / "configs" / "sd15" / "vae" / "config.json"
-DEFAULT_TAESD_DIR = REPO.parent / "shared" / "assets" / "taesd"
+SD15_VAE_CONFIG = common.REPO / "optimizer" / "checkpoint" / "configs" / "sd15" / "vae" / "config.json"
+DEFAULT_TAESD_DIR = common.REPO.parent / "shared" / "assets" / "taesd"
 LATENT = 64  # 64x64 latents -> 512x512 images
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 VARIANTS = ("full", "taesd")
@@ -54,77 +50,6 @@ SEED = 1234
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _proc_status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: echo 5 > /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _sync(torch, device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def machine_info() -> dict:
-    import torch
-
-    info = {
-        "hostname": socket.gethostname(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_model": None,
-        "mem_total_bytes": None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_cuda_build": torch.version.cuda,
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "diffusers": _version("diffusers"),
-        "evomerge": _version("evomerge"),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["mem_total_bytes"] = int(line.split()[1]) * 1024
-                break
-    except OSError:
-        pass
-    return info
 
 
 def build_decoder(variant: str, *, device: str, dtype_name: str, taesd_dir: Path):
@@ -189,25 +114,14 @@ def worker_time(args) -> dict:
     }
 
     def once(fn, z) -> float:
-        _sync(torch, device)
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn(z)
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1000.0
-        else:
-            t0 = time.perf_counter()
-            out = fn(z)
-            seconds = time.perf_counter() - t0
+        out, seconds = common.timed(lambda: fn(z), device=device, cuda_events=True)
         assert out.shape == (z.shape[0], 3, 8 * LATENT, 8 * LATENT) and bool(torch.isfinite(out).all()), out.shape
         return seconds
 
     with torch.inference_mode():
         for batch in batches:
             z = _latents(batch, device=device, dtype_name=args.dtype)
-            load_before = _loadavg()
+            load_before = common.loadavg()
             for _ in range(args.warmup):
                 for fn, _params, _note in decoders.values():
                     once(fn, z)
@@ -215,13 +129,13 @@ def worker_time(args) -> dict:
             for _ in range(args.reps):  # round-robin: one call of each per round
                 for v, (fn, _params, _note) in decoders.items():
                     times[v].append(once(fn, z))
-            entry = {v: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "all_s": ts} for v, ts in times.items()}
+            entry = {v: common.timing_stats(ts) for v, ts in times.items()}
             for v in VARIANTS:
                 entry[v]["per_image_ms"] = 1000 * entry[v]["median_s"] / batch
             entry["ratio_full_over_taesd"] = entry["full"]["median_s"] / entry["taesd"]["median_s"]
             entry["paired_ratio_median"] = statistics.median(f / t for f, t in zip(times["full"], times["taesd"]))
             entry["reps"], entry["warmup"] = args.reps, args.warmup
-            entry["loadavg_before"], entry["loadavg_after"] = load_before, _loadavg()
+            entry["loadavg_before"], entry["loadavg_after"] = load_before, common.loadavg()
             res["batches"][str(batch)] = entry
             print(f"[bench]   {device} batch {batch}: full {entry['full']['median_s']:.3f} s, taesd {entry['taesd']['median_s']:.3f} s", flush=True)
     return res
@@ -231,7 +145,7 @@ def worker_memory(args) -> dict:
     import torch
 
     device, batch = args.device, int(args.batch_sizes)
-    rss_after_import = _proc_status("VmRSS")
+    rss_after_import = common.proc_status_bytes("VmRSS")
     fn, params, note = build_decoder(args.variant, device=device, dtype_name=args.dtype, taesd_dir=Path(args.taesd_dir))
     z = _latents(batch, device=device, dtype_name=args.dtype)
     res: dict = {"variant": args.variant, "device": device, "dtype": args.dtype, "batch": batch, "params": params, "weights": note}
@@ -251,10 +165,10 @@ def worker_memory(args) -> dict:
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
             })
         else:
-            rss_before = _proc_status("VmRSS")
-            reset = _reset_hwm()
+            rss_before = common.proc_status_bytes("VmRSS")
+            reset = common.reset_hwm()
             out = fn(z)
-            hwm = _proc_status("VmHWM")
+            hwm = common.proc_status_bytes("VmHWM")
             res.update({
                 "method": "VmHWM after one decode (reset by /proc/self/clear_refs just before) minus VmRSS before it; "
                 "process_peak_rss_bytes is getrusage(RUSAGE_SELF).ru_maxrss (imports + model + decode)",
@@ -274,27 +188,17 @@ def worker_memory(args) -> dict:
 
 
 def run_worker(kind: str, args, *, device: str, variant: str | None = None, batch: int | None = None) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = Path(f.name)
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--_worker", kind, "--_out", str(out), "--device", device,
+        "--_worker", kind, "--device", device,
         "--dtype", args.dtypes[device], "--batch-sizes", str(batch) if batch is not None else args.batch_sizes,
         "--reps", str(args.reps), "--warmup", str(args.warmup), "--taesd-dir", str(args.taesd_dir),
     ] + (["--_variant", variant] if variant else [])
     label = f"{kind} {device}" + (f" {variant} batch {batch}" if variant else "")
     print(f"[bench] {label} ...", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO)
-    wall = time.perf_counter() - t0
-    try:
-        if proc.returncode != 0:
-            print(f"[bench] {label} FAILED (exit {proc.returncode})")
-            return {"error": f"worker exited {proc.returncode}", "wall_s": wall}
-        res = json.loads(out.read_text())
-        res["wall_s"] = wall
-        return res
-    finally:
-        out.unlink(missing_ok=True)
+    res, returncode = common.run_worker(__file__, cmd)
+    if returncode != 0:
+        print(f"[bench] {label} FAILED (exit {returncode})")
+    return res
 
 
 def _mb(x: int | None) -> str:
@@ -350,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: CUDA is not available")
     args.dtypes = {d: args.dtype or ("fp16" if d == "cuda" else "fp32") for d in devices}
     started = time.perf_counter()
-    info = machine_info()
+    info = common.machine_info()
     results: dict = {}
     params: dict = {}
     for device in devices:
@@ -378,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "machine": info,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_") and k != "variant"},
-        "full_vae": f"diffusers AutoencoderKL.from_config({SD15_VAE_CONFIG.relative_to(REPO)}), random init; decode(latents / 0.18215)",
+        "full_vae": f"diffusers AutoencoderKL.from_config({SD15_VAE_CONFIG.relative_to(common.REPO)}), random init; decode(latents / 0.18215)",
         "taesd": "optimizer.render.taesd.load_taesd(decoder=taesd_decoder.safetensors): AutoencoderTiny decoder-only; decode(latents)",
         "params_decode_path": {**params, "ratio_full_over_taesd": params["full"] / params["taesd"] if params else None},
         "memory_method": {
@@ -390,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "total_wall_s": time.perf_counter() - started,
     }
-    out = args.output or HERE / "results" / f"taesd-{socket.gethostname()}-{_dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out = common.write_json(args.output or common.result_path("taesd"), report, indent=1)
     print(f"\nwrote {out} ({report['total_wall_s']:.0f} s)")
     return 0 if len(ok) == len(results) else 1
 

@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
+import os
 import platform
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+if __package__:  # python -m bench.bench_techniques
+    from . import _common as common
+else:  # python bench/bench_techniques.py
+    import _common as common
 
 VARIANTS = ("merge", "merge+lora", "merge+hyper", "merge+recal", "ensemble")
 
@@ -50,7 +49,7 @@ def _config(variant: str, zoo: Path, images: int):
         "parents": [str(paths.model_file(zoo, "shape")), str(paths.model_file(zoo, "colour"))],
         "search_space": {"alpha": {"share": "global"}},
         "objectives": ["clip"],
-        "prompts": str(REPO / "studies" / "prompts" / "zoo-digits.yaml"),
+        "prompts": str(common.REPO / "studies" / "prompts" / "zoo-digits.yaml"),
         "budget": {"trials": 1},
         "render": {"grid_images": 0, "batch_size": images},
     }
@@ -112,12 +111,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['render_vs_merge']:>9.2f} {row['prepare_share_of_trial']:>14.1%}")
     result = {
         "benchmark": "techniques", "date": _dt.date.today().isoformat(), "host": socket.gethostname(),
-        "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "threads": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
         "device": "cpu", "images": args.images, "reps": args.reps, "steps": runners["merge"].prompt_set.steps, "rows": rows,
         "raw": {"prepare": prepare, "render": render},
     }
-    out = HERE / "results" / f"techniques-{socket.gethostname()}-{result['date']}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = common.write_json(common.result_path("techniques", date=result["date"]), result)
     print(f"wrote {out}")
     return 0
 
