@@ -26,6 +26,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -343,10 +344,9 @@ def create_or_load_study(config: StudyConfig, *, storage: optuna.storages.RDBSto
         sampler=make_sampler(config.sampler), pruner=make_pruner(config.pruner),
     )
     study.set_user_attr(CONFIG_ATTR, stored)
-    if len(config.directions) > 1:
-        study.set_metric_names([o.name for o in config.objectives])
-    else:
-        study.set_metric_names(["score"])
+    with warnings.catch_warnings():  # "experimental" since Optuna 3.2; the dashboard shows these names
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o.name for o in config.objectives] if len(config.directions) > 1 else ["score"])
     return study, True
 
 

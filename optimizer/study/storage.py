@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import optuna
@@ -57,13 +58,15 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig) -> optuna.storages.RDB
     (see :mod:`optimizer.study.liveness` for trials that died before their first beat)."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat.interval,
-            grace_period=heartbeat.grace,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry),
-        )
+        with warnings.catch_warnings():  # heartbeat is "experimental" in Optuna since 2.9; we rely on it knowingly
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat.interval,
+                grace_period=heartbeat.grace,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry),
+            )
     except Exception as exc:  # noqa: BLE001 - sqlalchemy raises many kinds
         raise StudyConfigError(f"storage {url!r} cannot be opened: {exc}") from None
 
