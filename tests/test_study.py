@@ -357,3 +357,37 @@ def test_resumed_and_joining_processes_do_not_replay_the_first_random_sequence()
 
     assert first_values(0) == first_values(0)
     assert first_values(process_seed(config, trials_so_far=0, salt=1)) != first_values(0)
+
+
+@needs_zoo
+def test_an_fp16_study_renders_from_the_half_precision_buffer_and_exports_it_exactly(tmp_path: Path) -> None:
+    """``dtype: fp16`` (the GPU default), here on CPU: the bank, the merge buffer and the bound
+    pipeline's UNet are half precision, trials score finite values, and the exported checkpoint
+    holds exactly the fp16 weights the trial rendered from."""
+    from safetensors.torch import load_file
+
+    from optimizer.study.export import export_trial
+    from optimizer.study.runner import StudyRunner, run_study
+    from optimizer.study.storage import StudyFolder
+
+    config = load_study_config(_write_study(tmp_path, name="half", dtype="fp16", budget={"trials": 2}))
+    folder = StudyFolder(tmp_path / "run")
+    study_runner = StudyRunner(config, folder=folder)
+    unet = study_runner.renderer.pipe.unet
+    assert study_runner.parents.bank.dtype == torch.float16 and unet.dtype == torch.float16
+    study = run_study(config, folder=folder, runner=study_runner, progress=False)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 2 and all(torch.isfinite(torch.tensor(t.value)) for t in complete)
+
+    output = study_runner.merger.output
+    low, high = output.data_ptr(), output.data_ptr() + output.numel() * output.element_size()
+    assert all(low <= p.data_ptr() < high for p in unet.parameters())  # views of the merge buffer, not copies
+
+    best = study.best_trial
+    path = export_trial(study=study, config=config, trial=best, output_format="safetensors",
+                        output=tmp_path / "half.safetensors", parents=study_runner.parents)
+    saved = load_file(str(path))
+    study_runner.merger.merge(suggest_recipe(optuna.trial.FixedTrial(best.params), study_runner.space))
+    views = study_runner.merger.state_dict()  # what the best trial rendered from
+    assert {v.dtype for v in saved.values()} == {torch.float16}
+    assert all(torch.equal(saved[k], views[k]) for k in views)
