@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from optimizer.render.ensemble import EnsembleError, EnsembleTextEncoder, EnsembleUNet, ensemble_pipeline
-from optimizer.zoo import paths
+from optimizer.zoo import models, paths
 
 needs_zoo = pytest.mark.skipif(not (paths.default_zoo_dir() / paths.MANIFEST).is_file(), reason="studies/zoo is not built")
 
@@ -22,62 +22,35 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------- tiny models
-def _tiny_unet(seed: int, **overrides):
-    from diffusers import UNet2DConditionModel
+#: the zoo's model configs (optimizer.zoo.models), shrunk so the ensemble tests run in seconds
+SMALL_UNET = dict(
+    sample_size=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 32),
+    layers_per_block=1,
+    cross_attention_dim=32,
+)
+SMALL_VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(8, 16),
+    norm_num_groups=4,
+    sample_size=16,
+    scaling_factor=0.18215,
+)
 
-    torch.manual_seed(seed)
-    config = dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-    )
-    config.update(overrides)
-    return UNet2DConditionModel(**config).eval()
+
+def _tiny_unet(seed: int, **overrides):
+    return models.build_unet(seed=seed, **{**SMALL_UNET, **overrides}).eval()
 
 
 def _tiny_text_encoder(seed: int, hidden: int = 32):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from optimizer.zoo import tokenizer
-
-    vocab, _ = tokenizer.vocabulary()
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=tokenizer.MAX_LENGTH,
-        bos_token_id=vocab[tokenizer.BOS],
-        eos_token_id=vocab[tokenizer.EOS],
-        pad_token_id=vocab[tokenizer.EOS],
-    )
-    torch.manual_seed(seed)
-    return CLIPTextModel(config).eval()
+    return models.build_text_encoder(seed=seed, hidden_size=hidden, intermediate_size=hidden * 2, projection_dim=hidden).eval()
 
 
 def _tiny_vae(seed: int = 0, **overrides):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    config = dict(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    config.update(overrides)
-    return AutoencoderKL(**config).eval()
+    return models.build_vae(seed=seed, **{**SMALL_VAE, **overrides}).eval()
 
 
 def _pipe(tokenizer_dir: Path, *, unet, text_encoder, vae):

@@ -17,7 +17,7 @@ import optuna
 import pytest
 
 from optimizer.study.config import HeartbeatConfig, StudyConfigError, parse_study_config
-from optimizer.study.liveness import budget_usage, fail_dead_trials, running_trials
+from optimizer.study.liveness import running_trials, settle_trials
 from optimizer.study.runner import StudyFailed, run_study
 from optimizer.study.storage import StudyFolder, open_storage
 from tests.test_study import _study_data, needs_zoo
@@ -50,8 +50,8 @@ def test_a_trial_that_died_before_its_first_beat_is_failed_and_retried(tmp_path:
     study.tell(done, 1.0)
 
     assert [t.number for t in running_trials(storage, study_name="s")] == [silent.number, beating.number]
-    assert fail_dead_trials(study, storage=storage, grace=BEAT.grace) == []  # both still within grace
-    usage = budget_usage(study, storage=storage, grace=BEAT.grace)
+    usage = settle_trials(study, storage=storage, grace=BEAT.grace)
+    assert usage.failed == ()  # both still within grace
     assert (usage.finished, usage.live, usage.used) == (1, 2, 3)
 
     time.sleep(BEAT.grace + 1.2)
@@ -61,15 +61,15 @@ def test_a_trial_that_died_before_its_first_beat_is_failed_and_retried(tmp_path:
     states = {t.number: t.state.name for t in study.get_trials()}
     assert states[beating.number] == "FAIL" and states[silent.number] == "RUNNING"
 
-    assert fail_dead_trials(study, storage=storage, grace=BEAT.grace) == [silent.number]
-    assert fail_dead_trials(study, storage=storage, grace=BEAT.grace) == []  # once only
+    assert settle_trials(study, storage=storage, grace=BEAT.grace).failed == (silent.number,)
+    assert settle_trials(study, storage=storage, grace=BEAT.grace).failed == ()  # once only
     trials = study.get_trials()
     assert {t.number: t.state.name for t in trials}[silent.number] == "FAIL"
     retries = [t for t in trials if t.state.name == "WAITING"]
     by_origin = {t.system_attrs["failed_trial"]: t for t in retries}
     assert set(by_origin) == {silent.number, beating.number}  # each retried exactly once
     assert by_origin[silent.number].params == silent.params
-    assert budget_usage(study, storage=storage, grace=BEAT.grace).used == 1
+    assert settle_trials(study, storage=storage, grace=BEAT.grace).used == 1
 
 
 @pytest.mark.parametrize("heartbeat, message", [

@@ -9,8 +9,8 @@ plain data: nothing heavy is built here (see :mod:`optimizer.study.runner`).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator

@@ -10,7 +10,7 @@ beat is older than ``grace`` (``optuna.storages.fail_stale_trials``). Two gaps a
   ``datetime_start`` is more than ``grace`` seconds ago is dead too.
 * **A trial budget shared by many processes.** ``MaxTrialsCallback`` stops a process once the
   finished trials reach the budget, so N processes overshoot by up to N - 1 trials (each finishes
-  the trial it has in flight). :func:`budget_usage` also counts the *live* RUNNING trials of every
+  the trial it has in flight). :func:`settle_trials` also counts the *live* RUNNING trials of every
   process, so a process starts a trial only while ``finished + live < budget``, and one that sees
   the budget covered by live trials waits for them instead of exiting (if one of them fails, the
   budget is open again and the waiting process runs the replacement).
@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 import optuna
 import sqlalchemy
 
-__all__ = ["BudgetUsage", "RunningTrial", "budget_usage", "fail_dead_trials", "running_trials"]
+__all__ = ["BudgetUsage", "RunningTrial", "running_trials", "settle_trials"]
 
 _RUNNING = sqlalchemy.text(
     "SELECT t.trial_id, t.number, t.datetime_start, h.heartbeat "
@@ -53,7 +53,6 @@ class RunningTrial:
     trial_id: int
     number: int
     silent_s: float
-    beat: bool
 
     def dead(self, *, grace: float) -> bool:
         """Its process stopped beating (or never beat) more than ``grace`` seconds ago."""
@@ -62,10 +61,12 @@ class RunningTrial:
 
 @dataclass(frozen=True)
 class BudgetUsage:
-    """``finished``: COMPLETE or PRUNED trials; ``live``: RUNNING trials whose process is alive."""
+    """``finished``: COMPLETE or PRUNED trials; ``live``: RUNNING trials whose process is alive;
+    ``failed``: numbers of the dead trials this call failed (and handed on for a retry)."""
 
     finished: int
     live: int
+    failed: tuple[int, ...] = ()
 
     @property
     def used(self) -> int:
@@ -87,19 +88,21 @@ def running_trials(storage: optuna.storages.RDBStorage, *, study_name: str) -> l
             silent = db_now - beat.replace(tzinfo=None)
         else:
             silent = local_now - started if started is not None else timedelta(0)
-        out.append(RunningTrial(trial_id=trial_id, number=number, silent_s=silent.total_seconds(), beat=beat is not None))
+        out.append(RunningTrial(trial_id=trial_id, number=number, silent_s=silent.total_seconds()))
     return out
 
 
-def fail_dead_trials(study: optuna.Study, *, storage: optuna.storages.RDBStorage, grace: float) -> list[int]:
-    """Fail the RUNNING trials whose process is dead and hand each to the storage's
-    heartbeat-stale callback (which re-enqueues it for a retry); returns their numbers.
+def settle_trials(study: optuna.Study, *, storage: optuna.storages.RDBStorage, grace: float) -> BudgetUsage:
+    """Fail the RUNNING trials whose process is dead, hand each to the storage's heartbeat-stale
+    callback (which re-enqueues it for a retry), and count how much of a trial budget is spent or
+    being spent by the others (see the module docstring).
 
     Safe against other processes doing the same: the state change is a conditional update, and
     only the process whose update took calls the callback (so a trial is retried once)."""
-    failed = []
+    failed, live = [], 0
     for trial in running_trials(storage, study_name=study.study_name):
         if not trial.dead(grace=grace):
+            live += 1
             continue
         try:
             if storage.set_trial_state_values(trial.trial_id, state=optuna.trial.TrialState.FAIL):
@@ -110,12 +113,6 @@ def fail_dead_trials(study: optuna.Study, *, storage: optuna.storages.RDBStorage
     for trial in failed:
         if callback is not None:
             callback(study, copy.deepcopy(storage.get_trial(trial.trial_id)))
-    return [trial.number for trial in failed]
-
-
-def budget_usage(study: optuna.Study, *, storage: optuna.storages.RDBStorage, grace: float) -> BudgetUsage:
-    """How much of a trial budget is spent or being spent (see the module docstring)."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     finished = len(study.get_trials(deepcopy=False, states=states))
-    live = sum(not trial.dead(grace=grace) for trial in running_trials(storage, study_name=study.study_name))
-    return BudgetUsage(finished=finished, live=live)
+    return BudgetUsage(finished=finished, live=live, failed=tuple(trial.number for trial in failed))

@@ -43,12 +43,12 @@ from optimizer.render.grid import grid_png
 from optimizer.render.prompts import Split, load_prompt_set
 from optimizer.render.renderer import RenderError, Renderer
 from optimizer.study.config import StudyConfig, StudyConfigError
+from optimizer.study.liveness import settle_trials
 from optimizer.study.pipeline import bound_pipeline, unet_config
 from optimizer.adapters.lbw import parse_lbw
 from optimizer.adapters.lora import load_loras
 from optimizer.study.samplers import make_pruner, make_sampler, process_seed
 from optimizer.study.space import BoundSpace, bind_space, suggest_recipe, warm_start_params
-from optimizer.study.liveness import budget_usage, fail_dead_trials
 from optimizer.study.storage import CONFIG_ATTR, StudyFolder, open_storage
 from optimizer.zoo.paths import clip_weights_or_zoo
 
@@ -315,8 +315,7 @@ class _TrialBudget:
         self.trials, self.storage, self.grace = trials, storage, grace
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        fail_dead_trials(study, storage=self.storage, grace=self.grace)
-        if budget_usage(study, storage=self.storage, grace=self.grace).used >= self.trials:
+        if settle_trials(study, storage=self.storage, grace=self.grace).used >= self.trials:
             study.stop()
 
 
@@ -385,28 +384,26 @@ def run_study(
             study.enqueue_trial(params, skip_if_exists=True)
     budget, beat = config.budget, config.heartbeat
     deadline = None if budget.seconds is None else time.monotonic() + budget.seconds
-    usage = budget_usage(study, storage=storage, grace=beat.grace)
+    usage = settle_trials(study, storage=storage, grace=beat.grace)
     bar = _Progress(total=budget.trials, initial=usage.finished, enabled=progress, max_consecutive_failures=max_consecutive_failures)
     callbacks: list[Any] = [bar]
     if budget.trials is not None:
         callbacks.append(_TrialBudget(trials=budget.trials, storage=storage, grace=beat.grace))
     try:
         while True:
-            fail_dead_trials(study, storage=storage, grace=beat.grace)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
-            if budget.trials is not None:
-                usage = budget_usage(study, storage=storage, grace=beat.grace)
-                if usage.finished >= budget.trials:
-                    break
-                if usage.used >= budget.trials:  # the rest of the budget is in other processes' hands
-                    bar.bar.set_postfix_str(f"waiting for {usage.live} trial(s) of other processes")
-                    time.sleep(min(beat.interval, left) if left is not None else beat.interval)
-                    continue
-            study.optimize(runner, n_trials=None, timeout=left, catch=TRIAL_ERRORS, callbacks=callbacks, gc_after_trial=False)
-            if bar.failures >= max_consecutive_failures or budget.trials is None:
+            if budget.trials is not None and usage.finished >= budget.trials:
                 break
+            if budget.trials is not None and usage.used >= budget.trials:  # the rest is in other processes' hands
+                bar.bar.set_postfix_str(f"waiting for {usage.live} trial(s) of other processes")
+                time.sleep(min(beat.interval, left) if left is not None else beat.interval)
+            else:
+                study.optimize(runner, n_trials=None, timeout=left, catch=TRIAL_ERRORS, callbacks=callbacks, gc_after_trial=False)
+                if bar.failures >= max_consecutive_failures or budget.trials is None:
+                    break
+            usage = settle_trials(study, storage=storage, grace=beat.grace)
     finally:
         bar.bar.close()
     if bar.failures >= max_consecutive_failures:

@@ -93,36 +93,39 @@ def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_vae(*, seed: int, scaling_factor: float = 1.0):
-    """A freshly initialised ``AutoencoderKL`` (``torch.manual_seed(seed)`` first)."""
+def build_vae(*, seed: int, scaling_factor: float = 1.0, **config: Any):
+    """A freshly initialised ``AutoencoderKL`` (``torch.manual_seed(seed)`` first); ``config``
+    replaces entries of :data:`VAE_CONFIG` (smaller test models)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(**VAE_CONFIG, scaling_factor=scaling_factor)
+    return AutoencoderKL(**{**VAE_CONFIG, **config}, scaling_factor=scaling_factor)
 
 
-def build_text_encoder(*, seed: int):
-    """A freshly initialised ``CLIPTextModel`` over the zoo tokenizer's vocabulary."""
+def build_text_encoder(*, seed: int, **config: Any):
+    """A freshly initialised ``CLIPTextModel`` over the zoo tokenizer's vocabulary; ``config``
+    replaces entries of :data:`TEXT_ENCODER_CONFIG`."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     vocab, _ = tokenizer.vocabulary()
-    config = CLIPTextConfig(
+    text_config = CLIPTextConfig(
         vocab_size=len(vocab),
         bos_token_id=vocab[tokenizer.BOS],
         eos_token_id=vocab[tokenizer.EOS],
         pad_token_id=vocab[tokenizer.EOS],
-        **TEXT_ENCODER_CONFIG,
+        **{**TEXT_ENCODER_CONFIG, **config},
     )
     torch.manual_seed(seed)
-    return CLIPTextModel(config)
+    return CLIPTextModel(text_config)
 
 
-def build_unet(*, seed: int):
-    """A freshly initialised SD1-topology ``UNet2DConditionModel``."""
+def build_unet(*, seed: int, **config: Any):
+    """A freshly initialised SD1-topology ``UNet2DConditionModel``; ``config`` replaces entries of
+    :data:`UNET_CONFIG`."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**UNET_CONFIG)
+    return UNet2DConditionModel(**{**UNET_CONFIG, **config})
 
 
 def encode_prompts(text_encoder, tok, prompts: Sequence[str]) -> torch.Tensor:
