@@ -107,7 +107,7 @@ def merge(
     merge_vae: Annotated[bool, typer.Option(help="Merge the VAE too (default: copy it from the first parent).")] = False,
     dtype: Annotated[str | None, typer.Option(help="fp16, bf16 or fp32 (default: the parents' dtype).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    output_format: Annotated[str, typer.Option("--format", help="safetensors or diffusers.")] = "safetensors",
+    output_format: Annotated[str, typer.Option("--format", help="safetensors, bare (Flux/SD3 transformer alone, BFL/SAI names) or diffusers.")] = "safetensors",
     config: Annotated[Path | None, typer.Option(help="Diffusers config folder for --format diffusers (default: the first parent's, or the shipped one).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     lora: Annotated[list[str], typer.Option(help="Bake a LoRA into the merge: PATH[:STRENGTH[:LBW]] (LBW: a block weight string or preset such as OUTALL). Repeatable.")] = [],  # noqa: B006
@@ -120,6 +120,8 @@ def merge(
 
     if alpha is not None and mbw is not None:
         raise _fail("give --alpha or --mbw, not both")
+    if output_format not in ("safetensors", "bare", "diffusers"):
+        raise _fail(f"--format: unknown output format {output_format!r}; use safetensors, bare or diffusers")
     try:
         merge_method = get_method(method)
         params = _parse_params(param)
@@ -377,7 +379,7 @@ def export(
     study: Annotated[Path, typer.Argument(help="Study folder (or its study file).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file (or folder for diffusers).")],
     trial: Annotated[str, typer.Option(help="'best' or a trial number. Pareto studies: best on held-out prompts.")] = "best",
-    output_format: Annotated[str, typer.Option("--format", help="recipe, mbw, safetensors or diffusers.")] = "recipe",
+    output_format: Annotated[str, typer.Option("--format", help="recipe, mbw, safetensors, bare (Flux/SD3 transformer alone) or diffusers.")] = "recipe",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:
     """Export a trial: replayable recipe YAML, A1111 MBW string, merged safetensors or diffusers folder."""

@@ -138,13 +138,22 @@ def write_merged(
     config_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write merged weights atomically (safetensors with the recipe in its metadata, or a diffusers folder)."""
+    """Write merged weights atomically: ``safetensors`` (canonical single file, ComfyUI / A1111
+    names, the recipe in its metadata), ``bare`` (Flux / SD3: the transformer alone with Black
+    Forest Labs' / Stability's names, as ``flux1-dev.safetensors``) or ``diffusers`` (a folder)."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise CheckpointError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     if output_format == "safetensors":
         metadata = merge_metadata(recipe=recipe.model_dump(mode="json"), parents=parents.checkpoints)
         return save_safetensors(state_dict=state_dict, path=output, metadata=metadata)
+    if output_format == "bare":
+        prefix = parents.bank.layout.spec.bare_prefix
+        if prefix is None:
+            raise CheckpointError(f"{parents.bank.layout.name} has no bare transformer format; use safetensors or diffusers")
+        metadata = merge_metadata(recipe=recipe.model_dump(mode="json"), parents=parents.checkpoints)
+        bare = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        return save_safetensors(state_dict=bare, path=output, metadata=metadata)
     if output_format == "diffusers":
         from optimizer.checkpoint.config_dir import diffusers_config_dir
         from optimizer.checkpoint.diffusers_folder import write_diffusers_folder
@@ -157,4 +166,4 @@ def write_merged(
             state_dict=state_dict, architecture=layout.name, path=output, config_dir=config_dir, overwrite=overwrite
         )
         return output
-    raise CheckpointError(f"unknown output format {output_format!r}; use safetensors or diffusers")
+    raise CheckpointError(f"unknown output format {output_format!r}; use safetensors, bare or diffusers")

@@ -25,12 +25,14 @@ SDXL_BLOCKS = ["BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}"
 
 
 def test_shipped_layouts_load_and_have_the_mbw_block_orders() -> None:
-    assert available_layouts() == ["sd1", "sd2", "sdxl"]
+    assert available_layouts() == ["flux", "sd1", "sd2", "sd3", "sd35_large", "sdxl"]
     assert list(load_layout("sd1").blocks) == SD1_BLOCKS
     assert list(load_layout("sd2").blocks) == SD1_BLOCKS
     assert list(load_layout("sdxl").blocks) == SDXL_BLOCKS
-    for name in available_layouts():
+    for name in ("sd1", "sd2", "sdxl"):
         assert load_layout(name).components == ("VAE",)
+    for name in ("flux", "sd3", "sd35_large"):
+        assert load_layout(name).components == ("VAE", "TE")
 
 
 @pytest.mark.parametrize(
@@ -77,6 +79,7 @@ LAYOUT_TEMPLATE = """
 name: test
 title: Test
 diffusers_config: sd15
+pipeline: StableDiffusionPipeline
 blocks: [A, B]
 rules:
 {rules}
@@ -110,8 +113,8 @@ def test_duplicate_blocks_are_rejected() -> None:
 
 
 def test_unknown_architecture_name() -> None:
-    with pytest.raises(LayoutError, match="unknown architecture 'sd3'"):
-        load_layout("sd3")
+    with pytest.raises(LayoutError, match="unknown architecture 'sd4'"):
+        load_layout("sd4")
 
 
 def test_mbw_round_trip_is_verbatim() -> None:
@@ -165,7 +168,7 @@ def test_mixed_and_foreign_keys_are_clear_errors() -> None:
     with pytest.raises(ArchitectureError, match="match no known architecture"):
         detect_architecture(mixed, source="mixed.safetensors")
     lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(1)}
-    with pytest.raises(ArchitectureError, match="no UNet keys"):
+    with pytest.raises(ArchitectureError, match="no denoiser keys"):
         detect_architecture(lora)
 
 

@@ -111,7 +111,7 @@ def test_truncated_and_garbage_files_are_clear_errors(tmp_path: Path) -> None:
 def test_a_lora_is_not_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "lora.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(CheckpointError, match="no UNet keys"):
+    with pytest.raises(CheckpointError, match="no denoiser keys"):
         load_checkpoint(path)
 
 

@@ -338,7 +338,11 @@ def test_config_dir_is_complete_cached_and_atomic(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == sorted([first.name, other.name])  # no temp leftovers
     with pytest.raises(ValueError, match="unknown diffusers config"):
         diffusers_config_dir("sd3", cache_dir=root)
-    assert set(CONFIG_NAMES) == {load_layout(a).spec.diffusers_config for a in ARCHS}
+    from optimizer.architectures.layout import available_layouts
+
+    records = [load_layout(a).spec for a in available_layouts()]
+    named = {r.diffusers_config for r in records} | {v.diffusers_config for r in records for v in r.variants if v.diffusers_config}
+    assert set(CONFIG_NAMES) == named
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
+from typing import Literal
 from importlib import resources
 
 import yaml
@@ -54,8 +55,74 @@ class _Identify(BaseModel):
     context_dim: int | None = None
 
 
+class _Module(BaseModel):
+    """A diffusers pipeline module stored in the checkpoint under ``prefix`` (canonical key names).
+
+    ``scheme`` says how its keys become the diffusers module's: ``rename`` (strip the prefix: HF
+    CLIP / T5 text encoders), ``ldm_vae`` (diffusers' LDM VAE converter) or ``key_rules`` (the
+    layout's ``key_rules``, for DiT denoisers such as Flux and SD3).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    prefix: str
+    scheme: Literal["rename", "ldm_vae", "key_rules"]
+    #: the diffusers / transformers class built from the module's config (``diffusers.X`` or ``transformers.X``)
+    cls: str
+
+
+class _Alias(BaseModel):
+    """Another file format's prefix for the same tensors; rewritten to ``canonical`` on load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prefix: str
+    canonical: str
+
+
+class _KeyRule(BaseModel):
+    """One canonical denoiser key (without the module prefix) -> its diffusers key(s).
+
+    ``match`` is a full-match regular expression; ``to`` names one diffusers key (``rename``,
+    ``swap_halves``) or several (``split``: the tensor's dim 0 cut into parts in proportion to
+    ``ratios``, default equal parts), with ``\\1``-style group references.
+    ``swap_halves``: the first and second half of dim 0 are exchanged (BFL/SAI ``shift, scale`` vs
+    diffusers ``scale, shift`` of the final AdaLayerNormContinuous).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    match: str
+    to: tuple[str, ...] = Field(min_length=1)
+    op: Literal["rename", "split", "swap_halves"] = "rename"
+    ratios: tuple[int, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _KeyRule:
+        try:
+            re.compile(self.match)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {self.match!r}: {exc}") from exc
+        if self.op != "split" and len(self.to) != 1:
+            raise ValueError(f"rule {self.match!r}: {self.op} names exactly one target")
+        if self.op == "split" and len(self.to) < 2:
+            raise ValueError(f"rule {self.match!r}: split names two or more targets")
+        if self.ratios and (self.op != "split" or len(self.ratios) != len(self.to) or min(self.ratios) < 1):
+            raise ValueError(f"rule {self.match!r}: ratios must be positive, one per split target")
+        return self
+
+
+class _Variant(BaseModel):
+    """A variant of the architecture (Flux dev / schnell, SD3 / SD3.5): key prefixes present / absent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    all: tuple[str, ...] = ()
+    none: tuple[str, ...] = ()
+    #: the shipped config folder of this variant, when it is not the record's
+    diffusers_config: str | None = None
+
+
 class LayoutSpec(BaseModel):
-    """The validated content of a layout YAML file."""
+    """The validated content of an architecture record (``layouts/<name>.yaml``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
@@ -69,8 +136,24 @@ class LayoutSpec(BaseModel):
     #: the last OpenCLIP layer, diffusers folders do not). Parents may differ in these keys only; a
     #: pattern with a ``(?P<layer>\d+)`` group matches only the highest layer present.
     inference_unused: tuple[str, ...] = ()
+    #: the diffusers pipeline class that renders this architecture
+    pipeline: str
+    #: the pipeline's denoiser module (``unet`` or ``transformer``)
+    denoiser: Literal["unet", "transformer"] = "unet"
+    #: the pipeline modules in the checkpoint (DiT architectures; SD1/SD2/SDXL use ``keymap``)
+    modules: tuple[_Module, ...] = ()
+    #: other formats' prefixes, rewritten to the canonical ones on load (first match wins)
+    aliases: tuple[_Alias, ...] = ()
+    #: the prefix a bare denoiser file (Black Forest Labs' ``flux1-dev.safetensors``) lacks
+    bare_prefix: str | None = None
+    #: regexes of keys in real files that are not weights of any module (dropped on load)
+    ignore: tuple[str, ...] = ()
+    key_rules: tuple[_KeyRule, ...] = ()
+    variants: tuple[_Variant, ...] = ()
+    #: the LoRA block-weight layout of ``optimizer/adapters/layouts`` (None: no LBW presets)
+    lbw_layout: str | None = None
 
-    @field_validator("inference_unused")
+    @field_validator("inference_unused", "ignore")
     @classmethod
     def _valid_patterns(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
         for pattern in patterns:
@@ -93,6 +176,8 @@ class LayoutSpec(BaseModel):
         for rule in self.rules:
             if "{" not in rule.block and rule.block not in self.blocks:
                 raise ValueError(f"rule {rule.match!r} assigns unknown block {rule.block!r}")
+        if self.modules and not self.key_rules and any(m.scheme == "key_rules" for m in self.modules):
+            raise ValueError("a module uses scheme key_rules but the record has no key_rules")
         component_names = {c.name for c in self.components}
         clash = component_names & set(self.blocks)
         if clash:

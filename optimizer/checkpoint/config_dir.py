@@ -1,4 +1,12 @@
-"""Offline diffusers config folders (``sd15``, ``sd21``, ``sdxl``).
+"""Offline diffusers config folders (``sd15``, ``sd21``, ``sdxl``, ``sd35_medium``, ``sd35_large``,
+``flux``, ``flux_schnell``).
+
+The SD3.5 and Flux.1 folders hold the hub configs of stabilityai/stable-diffusion-3.5-medium /
+-large and black-forest-labs/FLUX.1-dev / -schnell and the CLIP tokenizers, but no T5 tokenizer
+(its SentencePiece model is a download): a study on those architectures renders with a local
+diffusers snapshot as ``config_dir`` (it also supplies the text encoders that bare transformer
+files lack). ``extra_files`` adds files (a T5 ``tokenizer.json`` for tiny test models).
+
 
 The JSON configs of runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 and
 stabilityai/stable-diffusion-xl-base-1.0 ship in ``optimizer/checkpoint/configs/<name>/`` (without
@@ -33,7 +41,7 @@ from optimizer.checkpoint.hashing import cache_root
 
 __all__ = ["CONFIG_NAMES", "cache_root", "clip_bpe_files", "diffusers_config_dir", "shipped_config"]
 
-CONFIG_NAMES = ("sd15", "sd21", "sdxl")
+CONFIG_NAMES = ("sd15", "sd21", "sdxl", "sd35_medium", "sd35_large", "flux", "flux_schnell")
 
 #: bump when the generated content changes, so stale cached folders are rebuilt
 _GENERATOR_VERSION = "1"
@@ -47,6 +55,8 @@ _COMPONENT_FILES = {
     "vae_config": "vae/config.json",
     "text_encoder_config": "text_encoder/config.json",
     "text_encoder_2_config": "text_encoder_2/config.json",
+    "text_encoder_3_config": "text_encoder_3/config.json",
+    "transformer_config": "transformer/config.json",
 }
 
 
@@ -112,7 +122,9 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def _build_files(name: str, overrides: Mapping[str, Mapping[str, Any] | None]) -> dict[str, str]:
+def _build_files(
+    name: str, overrides: Mapping[str, Mapping[str, Any] | None], extra_files: Mapping[str, str] | None = None
+) -> dict[str, str]:
     files = shipped_config(name)
     for arg, override in overrides.items():
         if override is None:
@@ -129,6 +141,10 @@ def _build_files(name: str, overrides: Mapping[str, Mapping[str, Any] | None]) -
             folder = rel.rsplit("/", 1)[0]
             texts[f"{folder}/vocab.json"] = vocab_json
             texts[f"{folder}/merges.txt"] = merges_txt
+    for rel, text in (extra_files or {}).items():
+        if rel in texts or rel.startswith(("/", "..")) or "/../" in rel:
+            raise ValueError(f"extra file {rel!r} would replace a shipped file or leave the folder")
+        texts[rel] = text
     return texts
 
 
@@ -153,11 +169,14 @@ def diffusers_config_dir(
     vae_config: Mapping[str, Any] | None = None,
     text_encoder_config: Mapping[str, Any] | None = None,
     text_encoder_2_config: Mapping[str, Any] | None = None,
+    text_encoder_3_config: Mapping[str, Any] | None = None,
+    transformer_config: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, str] | None = None,
     cache_dir: str | Path | None = None,
 ) -> Path:
     """Materialize the offline diffusers config folder ``name`` and return its path.
 
-    ``name`` is ``sd15``, ``sd21`` or ``sdxl`` (a layout's ``diffusers_config``). The folder holds
+    ``name`` is one of :data:`CONFIG_NAMES` (a layout's ``diffusers_config``). The folder holds
     ``model_index.json``, ``scheduler/``, ``unet/``, ``vae/``, ``text_encoder/`` (+ ``_2`` for
     SDXL) configs and ``tokenizer/`` (+ ``tokenizer_2/``) with ``vocab.json`` and ``merges.txt``.
 
@@ -177,10 +196,13 @@ def diffusers_config_dir(
         "vae_config": vae_config,
         "text_encoder_config": text_encoder_config,
         "text_encoder_2_config": text_encoder_2_config,
+        "text_encoder_3_config": text_encoder_3_config,
+        "transformer_config": transformer_config,
     }
-    texts = _build_files(name, overrides)
+    texts = _build_files(name, overrides, extra_files)
     stamp = _stamp_of(texts)
-    folder = name if all(v is None for v in overrides.values()) else f"{name}-{stamp[:12]}"
+    plain = all(v is None for v in overrides.values()) and not extra_files
+    folder = name if plain else f"{name}-{stamp[:12]}"
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "configs"
     path = root / folder
     if _is_current(path, stamp):

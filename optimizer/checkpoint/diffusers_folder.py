@@ -26,15 +26,19 @@ __all__ = ["detect_folder_architecture", "read_diffusers_folder", "write_diffuse
 
 _WEIGHT_STEMS = {
     "unet": "diffusion_pytorch_model",
+    "transformer": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
     "text_encoder_2": "model",
+    "text_encoder_3": "model",
 }
 _BIN_STEMS = {
     "unet": "diffusion_pytorch_model",
+    "transformer": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "pytorch_model",
     "text_encoder_2": "pytorch_model",
+    "text_encoder_3": "pytorch_model",
 }
 
 
@@ -141,8 +145,10 @@ def read_diffusers_folder(path: str | os.PathLike[str]) -> tuple[dict[str, torch
         config_path = root / component / "config.json"
         if config_path.is_file():
             configs[component] = _read_json(config_path)
+    if "unet" not in configs and "transformer" in configs:
+        return _read_dit_folder(root, configs)
     if "unet" not in configs:
-        raise CheckpointError(f"{root}: not a diffusers Stable Diffusion folder (no unet/config.json)")
+        raise CheckpointError(f"{root}: not a diffusers Stable Diffusion folder (no unet/ or transformer/config.json)")
     architecture = detect_folder_architecture(configs, source=str(root))
     components: dict[str, dict[str, torch.Tensor]] = {}
     for component in COMPONENT_PREFIXES[architecture]:
@@ -162,6 +168,52 @@ def read_diffusers_folder(path: str | os.PathLike[str]) -> tuple[dict[str, torch
         vae_config=configs.get("vae"),
     )
     return state_dict, architecture, configs
+
+
+def _read_module(root: Path, name: str) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_file(root / name, name):
+        for key, value in _load_weights(file).items():
+            if key in tensors:
+                raise CheckpointError(f"{file}: key {key!r} appears in two shards")
+            tensors[key] = value
+    return tensors
+
+
+def _dit_record(configs: Mapping[str, Mapping[str, Any]], *, source: str):
+    """The architecture record whose denoiser class is ``transformer/config.json``'s and whose
+    block count it has (SD3 24 vs SD3.5 Large 38 joint blocks)."""
+    from optimizer.architectures.layout import available_layouts, load_layout
+
+    cls = str(configs["transformer"].get("_class_name", ""))
+    layers = configs["transformer"].get("num_layers")
+    found = []
+    for name in available_layouts():
+        layout = load_layout(name)
+        denoiser = next((m for m in layout.spec.modules if m.name == "transformer"), None)
+        if denoiser is None or denoiser.cls.rpartition(".")[2] != cls:
+            continue
+        expect = {b.split(".")[0] for b in layout.blocks if "." in b}
+        counts = {p: sum(1 for b in layout.blocks if b.startswith(p + ".")) for p in expect}
+        if "joint_blocks" in counts and counts["joint_blocks"] != layers:
+            continue
+        found.append(layout)
+    if len(found) != 1:
+        raise CheckpointError(f"{source}: transformer {cls} with {layers} layers is no known architecture")
+    return found[0]
+
+
+def _read_dit_folder(root: Path, configs: dict[str, dict[str, Any]]) -> tuple[dict[str, torch.Tensor], str, dict[str, dict[str, Any]]]:
+    """A Flux / SD3 diffusers folder as ``(canonical state dict, architecture, configs)``."""
+    from optimizer.checkpoint.convert import from_diffusers
+
+    layout = _dit_record(configs, source=str(root))
+    modules = {}
+    for module in layout.spec.modules:
+        if module.name in configs:
+            modules[module.name] = _read_module(root, module.name)
+    state_dict = from_diffusers(modules=modules, layout=layout, configs=configs)
+    return state_dict, layout.name, configs
 
 
 def _saveable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -228,13 +280,33 @@ def write_diffusers_folder(
         raise CheckpointError(f"{config_root}: not a diffusers config folder (no model_index.json)")
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target}: already exists (pass overwrite=True to replace it)")
-    components = ldm_to_diffusers(state_dict=state_dict, architecture=architecture, config_dir=config_root)
-    missing = [c for c in COMPONENT_PREFIXES[architecture] if c not in components]
-    if missing:
-        prefixes = ", ".join(COMPONENT_PREFIXES[architecture][c][0] for c in missing)
-        raise CheckpointError(
-            f"cannot write a complete diffusers folder: the state dict has no {', '.join(missing)} ({prefixes}*)"
-        )
+    from optimizer.architectures.layout import load_layout
+
+    layout = load_layout(architecture)
+    reused: list[str] = []
+    if layout.spec.modules:
+        from optimizer.checkpoint.convert import to_diffusers
+
+        components = to_diffusers(state_dict=state_dict, layout=layout, config_dir=config_root).modules
+        for module in layout.spec.modules:
+            if module.name in components:
+                continue
+            try:
+                _weight_file(config_root / module.name, module.name)
+            except CheckpointError:
+                raise CheckpointError(
+                    f"cannot write a complete diffusers folder: the weights have no {module.name} ({module.prefix}*) "
+                    f"and {config_root} has no {module.name} weights to take it from"
+                ) from None
+            reused.append(module.name)  # the config folder's own weights (a local snapshot)
+    else:
+        components = ldm_to_diffusers(state_dict=state_dict, architecture=architecture, config_dir=config_root)
+        missing = [c for c in COMPONENT_PREFIXES[architecture] if c not in components]
+        if missing:
+            prefixes = ", ".join(COMPONENT_PREFIXES[architecture][c][0] for c in missing)
+            raise CheckpointError(
+                f"cannot write a complete diffusers folder: the state dict has no {', '.join(missing)} ({prefixes}*)"
+            )
     from safetensors.torch import save_file
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +316,8 @@ def write_diffusers_folder(
             rel = source.relative_to(config_root)
             if source.is_dir() or rel.name.startswith("."):
                 continue
+            if rel.parts[0] in components and rel.name != "config.json":
+                continue  # weights of a module written below (a snapshot's own copy is not wanted)
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, dest)
@@ -251,7 +325,8 @@ def write_diffusers_folder(
             folder = tmp / component
             if not (folder / "config.json").is_file():
                 raise CheckpointError(f"{config_root}: no {component}/config.json")
-            if component.startswith("text_encoder"):
+            clip = not layout.spec.modules or any(m.name == component and m.cls.startswith("transformers.CLIPText") for m in layout.spec.modules)
+            if component.startswith("text_encoder") and clip:
                 tensors = {
                     (k if k.startswith("text_model.") or k == "text_projection.weight" else "text_model." + k): v
                     for k, v in tensors.items()

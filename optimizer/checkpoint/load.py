@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from optimizer.architectures.detect import detect_architecture
+from optimizer.architectures.detect import canonical_state_dict
 from optimizer.architectures.layout import LayoutError
 from optimizer.checkpoint.cleanup import drop_non_weights
 from optimizer.checkpoint.hashing import sha256_file, sha256_folder
@@ -39,7 +39,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, dtype: str | torch.dtype | 
 
     Supported: ``.safetensors`` (A1111/civitai single files), ``.ckpt``/``.pt`` through
     ``torch.load(weights_only=True)`` only, and diffusers folders (``model_index.json`` with
-    ``unet/``, ``vae/``, ``text_encoder/``...). Keys come back in LDM naming with EMA copies and
+    ``unet/`` or ``transformer/``, ``vae/``, ``text_encoder/``...), bare transformer files (Flux's
+    ``flux1-dev.safetensors``) and ComfyUI-saved files. Keys come back in canonical naming with EMA copies and
     training leftovers dropped; the architecture is detected from the keys. Raises
     :class:`CheckpointError` (or an architecture error) with the reason for anything else.
     """
@@ -62,7 +63,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, dtype: str | torch.dtype | 
     if not state_dict:
         raise CheckpointError(f"{path}: contains no tensors")
     try:
-        layout = detect_architecture(state_dict, source=str(path))
+        state_dict, layout = canonical_state_dict(state_dict, source=str(path))
         layout.assign(state_dict)  # every key owned by exactly one block or component
     except LayoutError as exc:
         raise CheckpointError(str(exc)) from exc

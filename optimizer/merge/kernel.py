@@ -33,7 +33,7 @@ block's parameters. Passthrough tensors (integer, ``position_ids``) are parent 0
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -92,7 +92,19 @@ class Merger:
         self._component_is_parent0 = {name: True for name, seg in bank.segments.items() if seg.component}
         use_triton = backend == "triton" or (backend == "auto" and bank.device.type == "cuda" and fused_available(bank.device))
         self._fused = FusedLinear(bank=bank, output=self.output) if use_triton else None
+        self._listeners: list[Callable[[], None]] = []
         self.backend = "triton" if use_triton else "torch"
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every merge and every :meth:`add_loras` (once the buffer holds
+        the new weights): a render binding refreshes the few tensors it keeps outside the buffer
+        (swapped Flux / SD3 modulation halves) there."""
+        self._listeners.append(listener)
+
+    def notify_changed(self) -> None:
+        """Tell the listeners the buffer changed (for code that writes into it directly)."""
+        for listener in self._listeners:
+            listener()
 
     def __repr__(self) -> str:
         return f"Merger({self.bank!r}, backend={self.backend!r})"
@@ -142,7 +154,9 @@ class Merger:
         if not recipe.loras or self.loras is None:
             return None
         with torch.inference_mode():
-            return self.loras.apply(recipe.loras)
+            stats = self.loras.apply(recipe.loras)
+        self.notify_changed()
+        return stats
 
     def _check_loras(self, recipe: MergeRecipe) -> None:
         if not recipe.loras:
@@ -195,6 +209,8 @@ class Merger:
     ) -> MergeStats:
         """Add the recipe's LoRAs (``with_loras``), wait for the device (so ``seconds`` is the merge's real duration) and report."""
         lora = self.add_loras(recipe) if with_loras else None
+        if lora is None:
+            self.notify_changed()  # add_loras notified otherwise
         if self.output.device.type == "cuda":
             torch.cuda.synchronize(self.output.device)
         return MergeStats(

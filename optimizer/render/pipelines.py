@@ -5,7 +5,13 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-__all__ = ["replace_components"]
+__all__ = ["denoiser", "replace_components"]
+
+
+def denoiser(pipe: Any) -> Any:
+    """The pipeline's denoiser module: ``pipe.unet`` (SD1/SD2/SDXL) or ``pipe.transformer`` (SD3, Flux)."""
+    module = getattr(pipe, "unet", None)
+    return module if module is not None else pipe.transformer
 
 
 def replace_components(pipe: Any, **replacements: Any) -> Any:

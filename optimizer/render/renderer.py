@@ -20,7 +20,7 @@ Contract of :class:`Renderer`:
 The pipeline is built once per study; :class:`Renderer` makes a view of it
 (:func:`~optimizer.render.pipelines.replace_components`: the same modules, the prompt set's
 scheduler) and never reloads weights: refill
-``renderer.pipe.unet`` in place between candidates.
+the denoiser (``pipe.unet`` or ``pipe.transformer``) in place between candidates.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from optimizer.render.pipelines import replace_components
+from optimizer.render.pipelines import denoiser, replace_components
 from optimizer.render.prompts import PromptSet, RenderJob
 from optimizer.render.schedulers import make_scheduler
 
@@ -106,7 +106,7 @@ class Renderer:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return denoiser(self.pipe).device
 
     @property
     def batch_size(self) -> int:
@@ -117,7 +117,8 @@ class Renderer:
     def size(self) -> tuple[int, int]:
         """``(height, width)`` of the images."""
         factor = getattr(self.pipe, "vae_scale_factor", 8)
-        default = self.pipe.unet.config.sample_size * factor
+        sample = getattr(self.pipe, "default_sample_size", None) or denoiser(self.pipe).config.sample_size
+        default = sample * factor
         return (self.prompt_set.height or default, self.prompt_set.width or default)
 
     def _call(self, jobs: Sequence[RenderJob]) -> Tensor:

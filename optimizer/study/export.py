@@ -39,7 +39,7 @@ from optimizer.study.config import StudyConfig
 
 __all__ = ["FORMATS", "ExportError", "export_trial", "pick_trial", "recipe_document", "replay_recipe"]
 
-FORMATS = ("recipe", "mbw", "safetensors", "diffusers")
+FORMATS = ("recipe", "mbw", "safetensors", "bare", "diffusers")
 _DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 HELD_OUT_ATTR = "held_out"
 

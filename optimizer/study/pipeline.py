@@ -1,10 +1,17 @@
 """A render pipeline whose weights ARE the merge kernel's output buffer (built once per study).
 
-:func:`bound_pipeline` loads the first parent's pipeline once (for its configs, tokenizer and
-scheduler), then replaces every UNet / text encoder / VAE parameter by a view into the
-:class:`~optimizer.merge.Merger`'s output buffer (``load_state_dict(..., assign=True)``). After
-that, ``merger.merge(recipe)`` changes what the pipeline renders with no copy and no disk I/O. The
-binding is checked: every parameter of the three modules must be such a view.
+:func:`bound_pipeline` builds the architecture record's pipeline class from the render config
+folder: the modules the parents hold (UNet or transformer, text encoders, VAE) are built on the
+meta device and every parameter is then *assigned* a view into the
+:class:`~optimizer.merge.Merger`'s output buffer (``load_state_dict(..., assign=True)``), fused
+q/k/v included (their parts are ``narrow`` views); tokenizers, scheduler and modules the parents
+lack (a bare Flux transformer file has no T5) come from the folder. After that,
+``merger.merge(recipe)`` changes what the pipeline renders with no copy and no disk I/O.
+
+The binding is checked: every parameter must be such a view, except the tensors the key rules
+compute (``swap_halves``: the final AdaLayerNormContinuous of SD3 / Flux), which are listed in
+``pipe.evomerge_refreshed`` and recomputed from the buffer after every merge
+(:meth:`Merger.on_change`). A study never renders stale weights.
 """
 
 from __future__ import annotations
@@ -14,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from optimizer.checkpoint.keymap import ldm_to_diffusers
+from optimizer.checkpoint.types import CheckpointError
+from optimizer.render.pipelines import denoiser
 from optimizer.merge import Merger
 from optimizer.merge_files import LoadedParents
 
-__all__ = ["BindingError", "bound_pipeline", "parent_pipeline", "render_config_dir", "unet_config"]
+__all__ = ["BindingError", "bound_pipeline", "denoiser", "parent_pipeline", "pipeline_class", "render_config_dir", "unet_config"]
 
 
 class BindingError(RuntimeError):
@@ -44,15 +52,19 @@ def render_config_dir(parents: LoadedParents, *, config_dir: str | os.PathLike[s
     return Path(diffusers_config_dir(parents.bank.layout.spec.diffusers_config))
 
 
-def _pipeline_class(architecture: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def pipeline_class(layout):
+    """The diffusers pipeline class of the architecture record (``pipeline``)."""
+    import diffusers
 
-    return StableDiffusionXLPipeline if architecture == "sdxl" else StableDiffusionPipeline
+    cls = getattr(diffusers, layout.spec.pipeline, None)
+    if cls is None:
+        raise BindingError(f"the installed diffusers has no {layout.spec.pipeline} for {layout.name}")
+    return cls
 
 
 def bound_pipeline(*, merger: Merger, parents: LoadedParents, config_dir: str | os.PathLike[str] | None = None):
-    """The first parent's pipeline with its weights bound to ``merger``'s output (see module docstring)."""
-    return _bind(views=merger.state_dict(), buffer=merger.output, parents=parents, config_dir=config_dir)
+    """The render pipeline with its weights bound to ``merger``'s output (see module docstring)."""
+    return _bind(views=merger.state_dict(), buffer=merger.output, parents=parents, config_dir=config_dir, merger=merger)
 
 
 def parent_pipeline(*, parents: LoadedParents, index: int, config_dir: str | os.PathLike[str] | None = None):
@@ -64,42 +76,72 @@ def parent_pipeline(*, parents: LoadedParents, index: int, config_dir: str | os.
     buffer = bank.buffers[index]
     views = {span.key: span.view(buffer) for span in bank.spans}
     views.update(bank.passthrough)
-    return _bind(views=views, buffer=buffer, parents=parents, config_dir=config_dir)
+    return _bind(views=views, buffer=buffer, parents=parents, config_dir=config_dir, merger=None)
 
 
-def _bind(*, views, buffer: torch.Tensor, parents: LoadedParents, config_dir: str | os.PathLike[str] | None):
+def _skeleton(cls, folder: Path, *, modules: dict, dtype: torch.dtype):
+    """``cls.from_pretrained(folder)`` with ``modules`` given (nothing loaded for them): the
+    tokenizers, scheduler and any weight-bearing module the parents lack come from ``folder``."""
+    kwargs = dict(modules)
+    if "safety_checker" in cls._get_signature_keys(cls)[1] or "safety_checker" in cls._get_signature_keys(cls)[0]:
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        return cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many types for a folder that lacks a module
+        missing = sorted(set(cls._get_signature_keys(cls)[0]) - set(modules))
+        raise BindingError(
+            f"cannot build {cls.__name__} from {folder}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            f"(the parents hold {sorted(modules)}; {folder} must supply {missing}: give config_dir a local diffusers "
+            "folder of the model with those weights)"
+        ) from exc
+
+
+def _bind(*, views, buffer: torch.Tensor, parents: LoadedParents, config_dir, merger: Merger | None):
     from diffusers.utils import logging as diffusers_logging
+
+    from optimizer.checkpoint.convert import empty_modules, recompute, to_diffusers
 
     diffusers_logging.set_verbosity_error()  # per-component "Loading ..." bars and dtype notes
     diffusers_logging.disable_progress_bar()
     layout = parents.bank.layout
     folder = render_config_dir(parents, config_dir=config_dir)
-    cls = _pipeline_class(layout.name)
-    first = parents.checkpoints[0]
-    dtype = parents.bank.dtype
-    if first.source_format == "diffusers":
-        pipe = cls.from_pretrained(str(first.path), local_files_only=True, torch_dtype=dtype, safety_checker=None)
-    else:
-        pipe = cls.from_single_file(str(first.path), config=str(folder), local_files_only=True, torch_dtype=dtype)
-    weights = ldm_to_diffusers(state_dict=views, architecture=layout.name, config_dir=folder)
+    try:
+        converted = to_diffusers(state_dict=views, layout=layout, config_dir=folder)
+    except CheckpointError as exc:
+        raise BindingError(f"the merged weights do not fit the configs in {folder}: {exc}") from exc
+    modules = empty_modules(layout=layout, config_dir=folder, names=list(converted.modules))
     low = buffer.data_ptr()
     high = low + buffer.numel() * buffer.element_size()
-    for name, state in weights.items():
-        module = getattr(pipe, name, None)
-        if module is None:
-            raise BindingError(f"the pipeline has no component {name!r} for the merged weights")
+    refreshed: list[tuple[torch.Tensor, str, str]] = []  # (parameter, canonical key, diffusers key)
+    for name, state in converted.modules.items():
+        module = modules[name]
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-        params = {n for n, _ in module.named_parameters()}
-        if unexpected or params & set(missing):
+        if hasattr(module, "tie_weights"):
+            module.tie_weights()  # T5: encoder.embed_tokens is shared.weight
+        params = dict(module.named_parameters())
+        left = sorted(n for n, p in params.items() if p.device.type == "meta")
+        if unexpected or left:
             raise BindingError(
                 f"{name}: merged weights do not fit the pipeline built from {folder}: "
-                f"missing {sorted(params & set(missing))[:5]}, unexpected {sorted(unexpected)[:5]}"
+                f"missing {left[:5]}, unexpected {sorted(unexpected)[:5]}"
             )
-        unbound = [n for n, p in module.named_parameters() if not low <= p.data_ptr() < high]
+        new = converted.new.get(name, {})
+        unbound = [n for n, p in params.items() if not low <= p.data_ptr() < high and n not in new]
         if unbound:
             raise BindingError(f"{name}: {len(unbound)} parameters are copies, not views of the merge buffer (e.g. {unbound[:3]})")
+        refreshed += [(params[d], c, d) for d, c in new.items() if d in params]
+    pipe = _skeleton(pipeline_class(layout), folder, modules=modules, dtype=parents.bank.dtype)
     pipe.to(parents.bank.device)
     pipe.set_progress_bar_config(disable=True)
+    pipe.evomerge_refreshed = tuple(sorted(d for _, _, d in refreshed))  # what the binding recomputes per merge
+
+    if refreshed and merger is not None:
+        def refresh() -> None:
+            with torch.no_grad():
+                for param, canonical, diffusers_key in refreshed:
+                    param.copy_(recompute(layout=layout, canonical_key=canonical, diffusers_key=diffusers_key, tensor=views[canonical]))
+
+        merger.on_change(refresh)
     return pipe
 
 

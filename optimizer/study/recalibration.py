@@ -47,6 +47,8 @@ class StudyRecalibrator:
         bank = merger.bank
         if bank.layout.name == "sdxl":
             raise StudyConfigError("recalibrate: SDXL is not supported yet (its UNet needs pooled text and size conditioning)")
+        if bank.layout.spec.denoiser != "unet":
+            raise StudyConfigError(f"recalibrate: {bank.layout.name} is not supported (it recalibrates the norms of an SD1/SD2 UNet)")
         if bank.n_parents != 2:
             raise StudyConfigError(f"recalibrate: needs two parents, the study has {bank.n_parents}")
         if not prompts:

@@ -44,7 +44,7 @@ from optimizer.render.prompts import Split, load_prompt_set
 from optimizer.render.renderer import RenderError, Renderer
 from optimizer.study.config import StudyConfig, StudyConfigError
 from optimizer.study.liveness import settle_trials
-from optimizer.study.pipeline import bound_pipeline, unet_config
+from optimizer.study.pipeline import bound_pipeline, denoiser, unet_config
 from optimizer.adapters.lbw import parse_lbw
 from optimizer.adapters.lora import load_loras
 from optimizer.study.samplers import make_pruner, make_sampler, process_seed
@@ -84,8 +84,13 @@ class StudyRunner:
         layout = self.parents.bank.layout
         if config.architecture not in ("auto", layout.name):
             raise StudyConfigError(f"architecture: the study says {config.architecture}, the parents are {layout.name}")
-        folder_unet = unet_config(self.parents, config_dir=config.config_dir)
-        self.loras = load_loras([(l.resolved_name, l.path) for l in config.loras], bank=self.parents.bank, unet_config=folder_unet)
+        if config.loras and layout.spec.denoiser != "unet":
+            raise StudyConfigError(f"loras: LoRAs on {layout.name} ({layout.spec.title}) are not supported yet")
+        folder_unet = unet_config(self.parents, config_dir=config.config_dir) if config.loras else {}
+        self.loras = (
+            load_loras([(l.resolved_name, l.path) for l in config.loras], bank=self.parents.bank, unet_config=folder_unet)
+            if config.loras else []
+        )
         lbw = [parse_lbw(c.lbw, layout=layout, touched=l.blocks) if c.lbw else None for c, l in zip(config.loras, self.loras, strict=True)]
         self.space: BoundSpace = bind_space(
             config.search_space, layout=layout, method=config.method, n_parents=self.parents.bank.n_parents,
@@ -101,12 +106,12 @@ class StudyRunner:
 
             members = [parent_pipeline(parents=self.parents, index=i, config_dir=config.config_dir) for i in range(self.parents.bank.n_parents)]
             pipe = ensemble_pipeline(pipes=members, weights=[1.0] + [0.0] * (len(members) - 1))
-            self.ensemble = pipe.unet
+            self.ensemble = denoiser(pipe)
             unets = list(self.ensemble.members)
         else:
             self.merger = Merger(self.parents.bank, loras=self.loras)
             pipe = bound_pipeline(merger=self.merger, parents=self.parents, config_dir=config.config_dir)
-            unets = [pipe.unet]
+            unets = [denoiser(pipe)]
         self.hypernetworks = None
         if config.hypernetworks:
             from optimizer.adapters.hypernetwork import HypernetworkStack, install_hypernetworks, load_hypernetwork
