@@ -10,13 +10,14 @@ lack (a bare Flux transformer file has no T5) come from the folder. After that,
 
 The binding is checked: every parameter must be such a view, except the tensors the key rules
 compute (``swap_halves``: the final AdaLayerNormContinuous of SD3 / Flux), which are listed in
-``pipe.evomerge_refreshed`` and recomputed from the buffer after every merge
+:func:`refreshed_tensors` and recomputed from the buffer after every merge
 (:meth:`Merger.on_change`). A study never renders stale weights.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from optimizer.render.pipelines import denoiser
 from optimizer.merge import Merger
 from optimizer.merge_files import LoadedParents
 
-__all__ = ["BindingError", "bound_pipeline", "denoiser", "parent_pipeline", "pipeline_class", "render_config_dir", "unet_config"]
+__all__ = ["BindingError", "bound_pipeline", "denoiser", "parent_pipeline", "pipeline_class", "refreshed_tensors", "render_config_dir", "unet_config"]
 
 
 class BindingError(RuntimeError):
@@ -50,6 +51,15 @@ def render_config_dir(parents: LoadedParents, *, config_dir: str | os.PathLike[s
     from optimizer.checkpoint.config_dir import diffusers_config_dir
 
     return Path(diffusers_config_dir(parents.bank.layout.spec.diffusers_config))
+
+
+_REFRESHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def refreshed_tensors(pipe) -> tuple[str, ...]:
+    """The denoiser parameters a bound pipeline keeps outside the merge buffer and recomputes after
+    every merge (``()`` when every parameter is a view); also for views of it (:class:`Renderer`)."""
+    return _REFRESHED.get(denoiser(pipe), ())
 
 
 def pipeline_class(layout):
@@ -133,7 +143,7 @@ def _bind(*, views, buffer: torch.Tensor, parents: LoadedParents, config_dir, me
     pipe = _skeleton(pipeline_class(layout), folder, modules=modules, dtype=parents.bank.dtype)
     pipe.to(parents.bank.device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.evomerge_refreshed = tuple(sorted(d for _, _, d in refreshed))  # what the binding recomputes per merge
+    _REFRESHED[denoiser(pipe)] = tuple(sorted(d for _, _, d in refreshed))
 
     if refreshed and merger is not None:
         def refresh() -> None:

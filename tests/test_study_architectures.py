@@ -1,0 +1,128 @@
+"""Studies on SD1, SD2 and SDXL tiny-topology parents, end to end (merge -> render -> score ->
+export -> reload in diffusers), from LDM single files and from diffusers folders.
+
+The OpenCLIP text towers of SD2 and SDXL store q/k/v fused (``in_proj``): the bound pipeline must
+see them (and ``text_projection``) as views of the merge buffer, or trials render stale weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from optimizer.cli import app
+from optimizer.tiny_models import (
+    tiny_config_dir,
+    tiny_sd1_components,
+    tiny_sd2_components,
+    tiny_sdxl_components,
+    write_tiny_diffusers,
+    write_tiny_ldm,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+runner = CliRunner()
+BUILDERS = {"sd1": tiny_sd1_components, "sd2": tiny_sd2_components, "sdxl": tiny_sdxl_components}
+PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def _study(tmp: Path, *, parents: list[Path], config_dir: Path | None, name: str) -> Path:
+    from optimizer.zoo.prompts import zoo_prompt_set_data
+
+    prompts = zoo_prompt_set_data()
+    prompts.update(search=prompts["search"][:2], held_out=prompts["held_out"][:2], steps=2, width=32, height=32)
+    (tmp / "prompts.yaml").write_text(yaml.safe_dump(prompts))
+    study = {
+        "name": name, "parents": [str(p) for p in parents],
+        "search_space": {"alpha": {"low": 0.0, "high": 1.0}}, "sampler": {"name": "random", "seed": 1},
+        "pruner": {"name": "none"}, "objectives": ["clip"], "scorers": {"clip_model": "evomerge-digits-clip"},
+        "prompts": "prompts.yaml", "render": {"batch_size": 2, "grid_images": 2}, "budget": {"trials": 2},
+    }
+    if config_dir is not None:
+        study["config_dir"] = str(config_dir)
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def _all_views(pipe, buffer: torch.Tensor) -> None:
+    from optimizer.study.pipeline import refreshed_tensors
+
+    low, high = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
+    assert refreshed_tensors(pipe) == ()
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            copies = [n for n, p in module.named_parameters() if not low <= p.data_ptr() < high]
+            assert not copies, (name, copies[:3])
+
+
+@pytest.mark.parametrize("source", ["ldm", "diffusers"])
+@pytest.mark.parametrize("architecture", ["sd1", "sd2", "sdxl"])
+def test_a_tiny_study_runs_on_every_sd_architecture_and_exports(architecture: str, source: str, tmp_path: Path) -> None:
+    import diffusers
+
+    from optimizer.merge import MergeRecipe
+    from optimizer.study.config import load_study_config
+    from optimizer.study.runner import StudyRunner
+    from optimizer.study.storage import StudyFolder
+
+    a, b = BUILDERS[architecture](0), BUILDERS[architecture](1)
+    config_dir = tiny_config_dir(a, architecture)
+    if source == "ldm":
+        files = [write_tiny_ldm(tmp_path / f"{n}.safetensors", m, architecture) for n, m in (("a", a), ("b", b))]
+        study_config = config_dir
+    else:
+        files = [write_tiny_diffusers(tmp_path / n, m, architecture) for n, m in (("a", a), ("b", b))]
+        study_config = None  # the first parent's own folder
+    name = f"t-{architecture}-{source}"
+    study_file = _study(tmp_path, parents=files, config_dir=study_config, name=name)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["study", "run", str(study_file), "--out", str(out), "--no-progress", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
+
+    trial_runner = StudyRunner(load_study_config(out / "study.yaml"), folder=StudyFolder(tmp_path / "replay"))
+    pipe = trial_runner.renderer.pipe
+    _all_views(pipe, trial_runner.merger.output)
+    layout = trial_runner.parents.bank.layout
+    text_towers = [n for n in ("text_encoder", "text_encoder_2") if n in a]
+    for alpha, parent in ((1.0, b), (0.0, a)):  # each merge is what the pipeline renders: no stale tensor
+        trial_runner.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=alpha, merge_vae=True))
+        for component in ("unet", *text_towers):
+            live = getattr(pipe, component).state_dict()
+            ref = parent[component].state_dict()
+            assert all(torch.equal(live[k], ref[k]) for k in ref if "position_ids" not in k), (alpha, component)
+
+    best = study.best_trial
+    for fmt, filename in (("safetensors", "best.safetensors"), ("diffusers", "best-diffusers")):
+        result = runner.invoke(app, ["export", str(out), "--format", fmt, "-o", str(tmp_path / filename)])
+        assert result.exit_code == 0, result.output
+    from optimizer.study.space import suggest_recipe
+
+    trial_runner.merger.merge(suggest_recipe(optuna.trial.FixedTrial(best.params), trial_runner.space))
+    expected = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()} for c in ("unet", *text_towers)}
+    cls = getattr(diffusers, PIPELINES[architecture])
+    reloaded = [
+        cls.from_single_file(str(tmp_path / "best.safetensors"), config=str(config_dir), local_files_only=True),
+        cls.from_pretrained(str(tmp_path / "best-diffusers"), local_files_only=True),
+    ]
+    for loaded in reloaded:
+        for component, state in expected.items():
+            got = getattr(loaded, component).state_dict()
+            assert all(torch.equal(got[k], v) for k, v in state.items() if "position_ids" not in k), component
+
+
+def test_an_sdxl_study_without_a_matching_config_folder_is_one_clear_line(tmp_path: Path) -> None:
+    a, b = tiny_sdxl_components(0), tiny_sdxl_components(1)
+    files = [write_tiny_ldm(tmp_path / f"{n}.safetensors", m, "sdxl") for n, m in (("a", a), ("b", b))]
+    study_file = _study(tmp_path, parents=files, config_dir=None, name="no-config")
+    result = runner.invoke(app, ["study", "run", str(study_file), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "do not fit the configs" in lines[0] and "shape" in lines[0]
