@@ -110,6 +110,7 @@ def merge(
     output_format: Annotated[str, typer.Option("--format", help="safetensors, bare (Flux/SD3 transformer alone, BFL/SAI names) or diffusers.")] = "safetensors",
     config: Annotated[Path | None, typer.Option(help="Diffusers config folder for --format diffusers (default: the first parent's, or the shipped one).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    placement: Annotated[str, typer.Option(help="device (parents on the device) or host (parents in host memory, streamed per block: parents too big for the GPU).")] = "device",
     lora: Annotated[list[str], typer.Option(help="Bake a LoRA into the merge: PATH[:STRENGTH[:LBW]] (LBW: a block weight string or preset such as OUTALL). Repeatable.")] = [],  # noqa: B006
 ) -> None:
     """Merge checkpoints per block and write the result (atomically, with A1111 merge metadata)."""
@@ -129,7 +130,7 @@ def merge(
             if "alpha" in params:
                 raise _fail("alpha given twice (--alpha/--mbw and --param alpha=...)")
             params["alpha"] = mbw if mbw is not None else repr(alpha)
-        loaded = load_parents(paths=parents, dtype=dtype, device=device)
+        loaded = load_parents(paths=parents, dtype=dtype, device=device, placement=placement)
         for note in loaded.notes:
             typer.echo(f"note: {note}")
         recipe = recipe_from_strings(

@@ -74,26 +74,41 @@ class LoadedParents:
 
 
 def load_parents(
-    *, paths: Sequence[str | os.PathLike[str]], dtype: str | torch.dtype | None = None, device: str | torch.device | None = "auto"
+    *,
+    paths: Sequence[str | os.PathLike[str]],
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = "auto",
+    placement: str = "device",
 ) -> LoadedParents:
-    """Load parent checkpoints, check they can be merged, and build the device-resident bank.
+    """Load parent checkpoints, check they can be merged, and build the bank: on the device
+    (``placement="device"``), or in host memory streamed to the device per merge (``"host"``).
 
     The returned checkpoints keep path, hashes and metadata but no tensors: the bank holds the
     only copy of the weights.
     """
     if len(paths) < 2:
         raise CheckpointError("a merge needs at least two parent checkpoints")
+    if placement not in ("device", "host"):
+        raise CheckpointError(f"unknown bank placement {placement!r}; use device or host")
     target = parse_dtype(dtype)
     checkpoints = [load_checkpoint(p, dtype=target) for p in paths]
     names = [str(c.path) for c in checkpoints]
+    known = [(c.prediction_type, n) for c, n in zip(checkpoints, names, strict=True) if c.prediction_type]
+    if len({p for p, _ in known}) > 1:
+        (p0, n0), (p1, n1) = known[0], next(k for k in known if k[0] != known[0][0])
+        raise CheckpointError(
+            f"cannot merge {n0} ({p0}) with {n1} ({p1}): they predict different targets (SD2 768-v vs 512-base)"
+        )
     first_layout = detect_architecture(checkpoints[0].state_dict, source=names[0])
     notes = fill_inference_unused([c.state_dict for c in checkpoints], layout=first_layout, names=names)
     layout = check_compatible([c.state_dict for c in checkpoints], names=names)
     bank = ParentBank.build(
-        state_dicts=[c.state_dict for c in checkpoints], layout=layout, device=resolve_device(device), dtype=target
+        state_dicts=[c.state_dict for c in checkpoints], layout=layout, device=resolve_device(device), dtype=target,
+        placement=placement,
     )
     light = [
-        Checkpoint(path=c.path, state_dict={}, layout=c.layout, sha256=c.sha256, source_format=c.source_format, metadata=c.metadata)
+        Checkpoint(path=c.path, state_dict={}, layout=c.layout, sha256=c.sha256, source_format=c.source_format, metadata=c.metadata,
+                   prediction_type=c.prediction_type)
         for c in checkpoints
     ]
     return LoadedParents(checkpoints=light, bank=bank, notes=tuple(notes))

@@ -126,3 +126,52 @@ def test_an_sdxl_study_without_a_matching_config_folder_is_one_clear_line(tmp_pa
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "do not fit the configs" in lines[0] and "shape" in lines[0]
+
+
+def test_sd2_v_and_epsilon_parents_are_refused_and_a_v_study_renders_with_v_prediction(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from optimizer.study.config import load_study_config
+    from optimizer.study.runner import StudyRunner
+    from optimizer.study.storage import StudyFolder
+
+    a, b = tiny_sd2_components(0), tiny_sd2_components(1)
+    v_file = write_tiny_ldm(tmp_path / "v768.safetensors", a, "sd2")
+    (tmp_path / "v768.yaml").write_text("model:\n  params:\n    parameterization: v\n")  # A1111's config beside the file
+    eps_file = tmp_path / "base512.safetensors"
+    save_file(load_file(str(write_tiny_ldm(tmp_path / "raw.safetensors", b, "sd2"))), str(eps_file),
+              metadata={"modelspec.prediction_type": "epsilon"})
+    result = runner.invoke(app, ["merge", str(v_file), str(eps_file), "-o", str(tmp_path / "out.safetensors")])
+    assert result.exit_code == 2 and "different targets" in result.output and "v_prediction" in result.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+    # the shipped SD2 config is the 768-v one: two 512-base parents render with epsilon prediction
+    eps_too = tmp_path / "base512b.safetensors"
+    save_file(load_file(str(write_tiny_ldm(tmp_path / "raw2.safetensors", a, "sd2"))), str(eps_too),
+              metadata={"modelspec.prediction_type": "epsilon"})
+    config_dir = tiny_config_dir(a, "sd2")
+    assert yaml.safe_load((config_dir / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    study_file = _study(tmp_path, parents=[eps_file, eps_too], config_dir=config_dir, name="eps-study")
+    trial_runner = StudyRunner(load_study_config(study_file), folder=StudyFolder(tmp_path / "run"))
+    assert trial_runner.renderer.pipe.scheduler.config.prediction_type == "epsilon"
+    v_too = write_tiny_ldm(tmp_path / "v768b.safetensors", b, "sd2")
+    (tmp_path / "v768b.yaml").write_text("model:\n  params:\n    parameterization: v\n")
+    study_file = _study(tmp_path, parents=[v_file, v_too], config_dir=config_dir, name="v-study")
+    trial_runner = StudyRunner(load_study_config(study_file), folder=StudyFolder(tmp_path / "run-v"))
+    assert trial_runner.renderer.pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_the_readme_sdxl_study_is_a_valid_study_for_sdxl() -> None:
+    import re
+
+    from optimizer.architectures.layout import load_layout
+    from optimizer.study.config import parse_study_config
+    from optimizer.study.space import bind_space
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- sdxl-study:start -->\n```yaml\n(.*?)```\n<!-- sdxl-study:end -->", text, re.S)
+    assert block is not None
+    config = parse_study_config(yaml.safe_load(block.group(1)), source="README")
+    assert config.architecture == "sdxl"
+    space = bind_space(config.search_space, layout=load_layout("sdxl"), method=config.method, n_parents=2)
+    assert len(space.dimensions) == 5

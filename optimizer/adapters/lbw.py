@@ -41,9 +41,10 @@ def lbw_presets() -> dict[str, str]:
 def lbw_blocks(*, layout: BlockLayout, kind: str) -> tuple[str, ...]:
     """The MBW blocks of an LBW layout ``kind`` (``lora`` or ``lycoris``) for ``layout``, in order."""
     layouts = _data()["layouts"]
-    if layout.name not in layouts:
+    name = layout.spec.lbw_layout  # the architecture record names its LBW layout
+    if name is None or name not in layouts:
         raise LoraError(f"no LoRA block weight layouts for {layout.name}; known: {', '.join(layouts)}")
-    kinds = layouts[layout.name]
+    kinds = layouts[name]
     if kind not in kinds:
         raise LoraError(f"LBW layout kind must be one of {', '.join(kinds)}, got {kind!r}")
     blocks = kinds[kind]
@@ -68,7 +69,8 @@ def parse_lbw(text: str, *, layout: BlockLayout, touched: Sequence[str], strengt
         raise LoraError(f"LBW {text!r} is neither a preset ({', '.join(presets)}) nor comma-separated numbers") from None
     if not all(math.isfinite(v) for v in values):
         raise LoraError(f"LBW {text!r}: values must be finite")
-    candidates = {kind: lbw_blocks(layout=layout, kind=kind) for kind in _data()["layouts"][layout.name]}
+    kinds = _data()["layouts"].get(layout.spec.lbw_layout or "", {"lora": None})
+    candidates = {kind: lbw_blocks(layout=layout, kind=kind) for kind in kinds}
     matching = [kind for kind, blocks in candidates.items() if len(blocks) == len(values)]
     if not matching:
         sizes = " or ".join(f"{len(b)} ({k})" for k, b in candidates.items())

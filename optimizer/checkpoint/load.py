@@ -67,6 +67,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, dtype: str | torch.dtype | 
         layout.assign(state_dict)  # every key owned by exactly one block or component
     except LayoutError as exc:
         raise CheckpointError(str(exc)) from exc
+    from optimizer.checkpoint.prediction import read_prediction_type
+
     return Checkpoint(
-        path=path, state_dict=state_dict, layout=layout, sha256=digest, source_format=source_format, metadata=metadata
+        path=path, state_dict=state_dict, layout=layout, sha256=digest, source_format=source_format, metadata=metadata,
+        prediction_type=read_prediction_type(path, metadata=metadata, source_format=source_format),
     )

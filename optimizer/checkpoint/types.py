@@ -31,6 +31,8 @@ class Checkpoint:
     sha256: str
     source_format: str  # "safetensors" | "ckpt" | "diffusers"
     metadata: dict[str, str] = field(default_factory=dict)
+    #: ``epsilon`` / ``v_prediction`` where the file says (:mod:`optimizer.checkpoint.prediction`)
+    prediction_type: str | None = None
 
     @property
     def architecture(self) -> str:

@@ -88,6 +88,8 @@ class ParentBank:
         segments: Mapping[str, Segment],
         passthrough: Mapping[str, Tensor],
         keys: Sequence[str],
+        device: torch.device | None = None,
+        placement: str = "device",
     ) -> None:
         self.buffers = tuple(buffers)
         self.layout = layout
@@ -96,12 +98,15 @@ class ParentBank:
         self.passthrough = dict(passthrough)
         self.keys = tuple(keys)
         self.dtype = self.buffers[0].dtype
-        self.device = self.buffers[0].device
+        #: where merges run and the output lives; the parent buffers are there too unless ``placement == "host"``
+        self.device = torch.device(device) if device is not None else self.buffers[0].device
+        self.placement = placement
         self.numel = self.buffers[0].numel()
 
     def __repr__(self) -> str:
         gib = self.numel * self.buffers[0].element_size() / 2**30
-        return f"ParentBank({self.layout.name}, {self.n_parents} parents, {self.numel:,} elements ({gib:.2f} GiB each), {self.dtype}, {self.device})"
+        where = f"{self.device}" if self.placement == "device" else f"host -> {self.device}"
+        return f"ParentBank({self.layout.name}, {self.n_parents} parents, {self.numel:,} elements ({gib:.2f} GiB each), {self.dtype}, {where})"
 
     @property
     def n_parents(self) -> int:
@@ -115,8 +120,12 @@ class ParentBank:
         layout: BlockLayout,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        placement: str = "device",
     ) -> ParentBank:
         """Check that the parents match, then copy each one once into a flat buffer on ``device``.
+
+        ``placement="host"`` keeps the buffers in host memory (pinned when ``device`` is CUDA) and
+        merges stream them to ``device`` segment by segment (:mod:`optimizer.merge.streaming`).
 
         ``dtype`` defaults to the promoted dtype of all mergeable tensors of all parents (the
         common dtype when they agree). The state dicts are not kept: the caller may drop them.
@@ -135,6 +144,10 @@ class ParentBank:
         elif not dtype.is_floating_point:
             raise ParentMismatchError(f"bank dtype must be floating point, got {dtype}")
         device = torch.device(device)
+        if placement not in ("device", "host"):
+            raise ParentMismatchError(f"bank placement must be 'device' or 'host', got {placement!r}")
+        home = device if placement == "device" else torch.device("cpu")
+        pin = placement == "host" and device.type == "cuda"
 
         by_owner: dict[str, list[str]] = {name: [] for name in (*layout.blocks, *layout.components)}
         for key in mergeable:
@@ -157,14 +170,15 @@ class ParentBank:
         buffers = []
         with torch.no_grad():
             for sd in state_dicts:
-                buf = torch.zeros(offset, dtype=dtype, device=device)  # zeros: the padding is defined
+                buf = torch.zeros(offset, dtype=dtype, device=home, pin_memory=pin)  # zeros: the padding is defined
                 for seg in segments.values():
                     for span in seg.spans:
                         span.view(buf).copy_(sd[span.key])
                 buffers.append(buf)
             merged = set(mergeable)
             passthrough = {k: first[k].detach().to(device=device, copy=True) for k in first if k not in merged}
-        return cls(buffers=buffers, layout=layout, segments=segments, passthrough=passthrough, keys=list(first))
+        return cls(buffers=buffers, layout=layout, segments=segments, passthrough=passthrough, keys=list(first),
+                   device=device, placement=placement)
 
 
 def _check_same_keys_and_shapes(state_dicts: Sequence[Mapping[str, Tensor]]) -> None:

@@ -81,7 +81,10 @@ class Merger:
         # A normal (non-inference) tensor even if built under inference_mode, so that its views
         # can back nn.Parameters via load_state_dict(..., assign=True).
         with torch.inference_mode(False):
-            self.output = bank.buffers[0].clone()
+            if bank.placement == "host":
+                self.output = bank.buffers[0].to(bank.device, copy=True)
+            else:
+                self.output = bank.buffers[0].clone()
         views: dict[str, Tensor] = {}
         for span in bank.spans:
             views[span.key] = span.view(self.output)
@@ -90,7 +93,14 @@ class Merger:
         self._views = {key: views[key] for key in bank.keys}
         self.loras = LoraSet(loras, views={span.key: span.view(self.output) for span in bank.spans}) if loras else None
         self._component_is_parent0 = {name: True for name, seg in bank.segments.items() if seg.component}
-        use_triton = backend == "triton" or (backend == "auto" and bank.device.type == "cuda" and fused_available(bank.device))
+        if backend == "triton" and bank.placement == "host":
+            raise MergeError("the fused Triton kernel reads parents on the device; a host bank streams them (use backend 'torch')")
+        use_triton = backend == "triton" or (
+            backend == "auto" and bank.placement == "device" and bank.device.type == "cuda" and fused_available(bank.device)
+        )
+        from optimizer.merge.streaming import SegmentStager
+
+        self._stager = SegmentStager(bank) if bank.placement == "host" else None
         self._fused = FusedLinear(bank=bank, output=self.output) if use_triton else None
         self._listeners: list[Callable[[], None]] = []
         self.backend = "triton" if use_triton else "torch"
@@ -134,16 +144,19 @@ class Merger:
         if self._fused is not None and method.coefficients is not None:
             return self._merge_fused(recipe, names, started, with_loras=with_loras)
         calls = merged = 0
+        work = [(bank.segments[b], b) for b in bank.layout.blocks]
+        if recipe.merge_vae:
+            work += [(seg, VAE_PARAMS_BLOCK) for seg in bank.segments.values() if seg.component]
+        params_of = {seg.name: _block_params(recipe, names, block) for seg, block in work}
         with torch.inference_mode():
-            for block in bank.layout.blocks:
-                seg = bank.segments[block]
-                calls += self._merge_segment(method, seg, _block_params(recipe, names, block), seed)
-                merged += seg.numel
-            if recipe.merge_vae:
-                for seg in bank.segments.values():
-                    if seg.component:
-                        calls += self._merge_segment(method, seg, _block_params(recipe, names, VAE_PARAMS_BLOCK), seed)
-                        merged += seg.numel
+            if self._stager is None:
+                for seg, _ in work:
+                    calls += self._merge_segment(method, seg, params_of[seg.name], seed)
+                    merged += seg.numel
+            else:
+                for seg, staged in self._stager.stream([seg for seg, _ in work]):
+                    calls += self._merge_segment(method, seg, params_of[seg.name], seed, staged=staged)
+                    merged += seg.numel
             copied = self._settle_components(merged_vae=recipe.merge_vae)
         return self._stats(recipe, started, calls=calls, merged=merged, copied=copied, backend="torch", with_loras=with_loras)
 
@@ -199,7 +212,7 @@ class Merger:
             if merged_vae:
                 self._component_is_parent0[name] = False
             elif not self._component_is_parent0[name]:
-                seg.view(self.output).copy_(seg.view(bank.buffers[0]))
+                seg.view(self.output).copy_(seg.view(bank.buffers[0]), non_blocking=bank.placement == "host")
                 copied += seg.numel
                 self._component_is_parent0[name] = True
         return copied
@@ -225,18 +238,23 @@ class Merger:
             lora_seconds=lora.seconds if lora else 0.0,
         )
 
-    def _merge_segment(self, method: MergeMethod, seg: Segment, params: dict[str, float], seed: int) -> int:
+    def _merge_segment(
+        self, method: MergeMethod, seg: Segment, params: dict[str, float], seed: int, *, staged: Sequence[Tensor] | None = None
+    ) -> int:
+        """Merge one segment; ``staged``: the parents' copies of it on the device (host banks)."""
         if seg.numel == 0:
             return 0
-        buffers = self.bank.buffers
+        parents = list(staged) if staged is not None else [seg.view(b) for b in self.bank.buffers]
         if method.granularity == "elementwise":
-            method.fn([seg.view(b) for b in buffers], out=seg.view(self.output), generator=None, **params)
+            method.fn(parents, out=seg.view(self.output), generator=None, **params)
             return 1
         for span in seg.spans:
             generator = None
             if method.stochastic:
                 generator = torch.Generator(device=self.output.device).manual_seed(tensor_seed(seed, span.key))
-            method.fn([span.view(b) for b in buffers], out=span.view(self.output), generator=generator, **params)
+            start = span.offset - seg.start
+            views = [p[start : start + span.numel].view(span.shape) for p in parents]
+            method.fn(views, out=span.view(self.output), generator=generator, **params)
         return len(seg.spans)
 
 

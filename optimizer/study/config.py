@@ -279,12 +279,14 @@ class StudyConfig(_Strict):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     parents: list[str] = Field(min_length=2)
-    architecture: Literal["auto", "sd1", "sd2", "sdxl"] = "auto"
+    architecture: str = "auto"  # "auto" or an architecture record's name (sd1, sd2, sdxl, sd3, sd35_large, flux)
     method: str = "weighted_sum"
     merge_vae: bool = False
     seed: int = 0  # stochastic merge methods (DARE)
     dtype: Literal["fp16", "bf16", "fp32"] | None = None
     device: str = "auto"
+    #: where the parents live: on the device, or in host memory streamed per merge (big parents: Flux)
+    placement: Literal["device", "host"] = "device"
     config_dir: str | None = None  # diffusers config folder for rendering (default: found or shipped)
     search_space: dict[str, ParamSpace] = Field(default_factory=dict)
     technique: Literal["merge", "output_ensemble"] = "merge"
@@ -302,6 +304,16 @@ class StudyConfig(_Strict):
     budget: BudgetConfig
     storage: str | None = None  # Optuna RDB URL; default sqlite:///<study folder>/study.db
     heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        from optimizer.architectures.layout import available_layouts
+
+        known = available_layouts()
+        if value != "auto" and value not in known:
+            raise ValueError(f"unknown architecture {value!r}; use auto or one of {', '.join(known)}")
+        return value
 
     @field_validator("method")
     @classmethod

@@ -81,6 +81,8 @@ def parent_pipeline(*, parents: LoadedParents, index: int, config_dir: str | os.
     """A pipeline whose weights are views of parent ``index``'s buffer in the bank (no copy): for
     output ensembles, which run the parents side by side. Do not modify its weights."""
     bank = parents.bank
+    if bank.placement != "device":
+        raise BindingError("an output ensemble runs the parents themselves: they must be on the device (placement: device)")
     if not 0 <= index < bank.n_parents:
         raise BindingError(f"parent index {index} out of range (the bank holds {bank.n_parents})")
     buffer = bank.buffers[index]
@@ -141,6 +143,10 @@ def _bind(*, views, buffer: torch.Tensor, parents: LoadedParents, config_dir, me
             raise BindingError(f"{name}: {len(unbound)} parameters are copies, not views of the merge buffer (e.g. {unbound[:3]})")
         refreshed += [(params[d], c, d) for d, c in new.items() if d in params]
     pipe = _skeleton(pipeline_class(layout), folder, modules=modules, dtype=parents.bank.dtype)
+    predicted = next((c.prediction_type for c in parents.checkpoints if c.prediction_type), None)
+    scheduler = getattr(pipe, "scheduler", None)
+    if predicted and scheduler is not None and "prediction_type" in scheduler.config and scheduler.config.prediction_type != predicted:
+        pipe.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=predicted)  # the parents say
     pipe.to(parents.bank.device)
     pipe.set_progress_bar_config(disable=True)
     _REFRESHED[denoiser(pipe)] = tuple(sorted(d for _, _, d in refreshed))

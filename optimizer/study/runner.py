@@ -80,7 +80,7 @@ class StudyRunner:
         self.config = config
         self.folder = folder
         started = time.perf_counter()
-        self.parents = load_parents(paths=config.parents, dtype=default_dtype(config), device=config.device)
+        self.parents = load_parents(paths=config.parents, dtype=default_dtype(config), device=config.device, placement=config.placement)
         layout = self.parents.bank.layout
         if config.architecture not in ("auto", layout.name):
             raise StudyConfigError(f"architecture: the study says {config.architecture}, the parents are {layout.name}")
