@@ -336,3 +336,114 @@ def test_a_bare_flux_study_takes_the_text_encoders_from_a_local_snapshot(models,
     result = runner.invoke(app, ["study", "run", str(no_t5), "--out", str(tmp_path / "run2"), "--no-progress"])
     assert result.exit_code == 2 and "local diffusers folder" in result.output
     assert "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------ LoRA
+_LORA_MODULES = {
+    "flux-dev": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.3.attn.add_v_proj",
+                 "single_transformer_blocks.5.attn.to_v", "single_transformer_blocks.5.proj_mlp", "norm_out.linear",
+                 "x_embedder", "transformer_blocks.1.ff.net.0.proj"],
+    "sd3.5": ["transformer_blocks.0.attn.to_q", "transformer_blocks.2.attn.add_k_proj", "transformer_blocks.1.attn2.to_v",
+              "transformer_blocks.23.norm1_context.linear", "norm_out.linear", "context_embedder", "transformer_blocks.4.ff.net.2"],
+}
+
+
+def _merged_with(lora_path: Path, *, variant: str, components: dict, config_dir: Path) -> dict[str, torch.Tensor]:
+    """The diffusers transformer weights of parent A with the LoRA added at strength 1 by evomerge."""
+    from optimizer.adapters.lora import load_loras
+    from optimizer.merge import Merger, MergeRecipe, ParentBank
+
+    layout = load_layout(TINY_DIT_VARIANTS[variant][0])
+    state = tiny_dit_canonical_state_dict(components, variant)
+    bank = ParentBank.build(state_dicts=[state, state], layout=layout)
+    loras = load_loras([("x", lora_path)], bank=bank, unet_config={})
+    merger = Merger(bank, loras=loras)
+    recipe = MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=0.0)
+    merger.merge(recipe.model_copy(update={"loras": {"x": dict.fromkeys(loras[0].blocks, 1.0)}}))
+    return to_diffusers(state_dict=merger.state_dict(), layout=layout, config_dir=config_dir).modules["transformer"]
+
+
+@pytest.mark.parametrize("variant", ["flux-dev", "sd3.5"])
+def test_a_diffusers_format_lora_adds_what_diffusers_fuses(models, variant: str, tmp_path: Path) -> None:
+    import diffusers
+    from safetensors.torch import save_file
+
+    components = models[variant][0]
+    reference = components["transformer"].state_dict()
+    generator = torch.Generator().manual_seed(0)
+    factors = {}
+    for module in _LORA_MODULES[variant]:
+        out, inp = reference[module + ".weight"].shape
+        factors[f"transformer.{module}.lora_A.weight"] = torch.randn(2, inp, generator=generator)
+        factors[f"transformer.{module}.lora_B.weight"] = torch.randn(out, 2, generator=generator)
+    save_file(factors, str(tmp_path / "lora.safetensors"))
+    config_dir = tiny_dit_config_dir(components, variant)
+    ours = _merged_with(tmp_path / "lora.safetensors", variant=variant, components=components, config_dir=config_dir)
+    cls = getattr(diffusers, load_layout(TINY_DIT_VARIANTS[variant][0]).spec.pipeline)
+    pipe = cls.from_pretrained(str(write_tiny_dit_diffusers(tmp_path / "pipe", components, variant)), local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    pipe.fuse_lora(lora_scale=1.0)
+    fused = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    changed = [k for k in ours if not torch.equal(ours[k], reference[k])]
+    assert len(changed) == len(_LORA_MODULES[variant])  # fused q/k/v parts and swapped halves land where they belong
+    assert all(torch.allclose(ours[k], fused[k], atol=1e-5) for k in reference)
+
+
+def test_a_kohya_flux_lora_maps_onto_the_bfl_weights(models, tmp_path: Path) -> None:
+    import diffusers
+    from safetensors.torch import save_file
+
+    components = models["flux-dev"][0]
+    state = tiny_dit_canonical_state_dict(components, "flux-dev")
+    generator = torch.Generator().manual_seed(1)
+    factors = {}
+    names = {"double_blocks_0_img_attn_qkv": "double_blocks.0.img_attn.qkv", "single_blocks_2_linear2": "single_blocks.2.linear2",
+             "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1"}
+    for kohya, bfl in names.items():
+        out, inp = state[f"model.diffusion_model.{bfl}.weight"].shape
+        factors[f"lora_unet_{kohya}.lora_down.weight"] = torch.randn(2, inp, generator=generator)
+        factors[f"lora_unet_{kohya}.lora_up.weight"] = torch.randn(out, 2, generator=generator)
+        factors[f"lora_unet_{kohya}.alpha"] = torch.tensor(1.0)  # scale alpha / rank = 0.5
+    save_file(factors, str(tmp_path / "kohya.safetensors"))
+    config_dir = tiny_dit_config_dir(components, "flux-dev")
+    ours = _merged_with(tmp_path / "kohya.safetensors", variant="flux-dev", components=components, config_dir=config_dir)
+    reference = components["transformer"].state_dict()
+    pipe = diffusers.FluxPipeline.from_pretrained(str(write_tiny_dit_diffusers(tmp_path / "pipe", components, "flux-dev")), local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "kohya.safetensors"))
+    pipe.fuse_lora(lora_scale=1.0)
+    fused = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    for key in reference:
+        if not key.startswith("norm_out."):
+            assert torch.allclose(ours[key], fused[key], atol=1e-5), key
+    # diffusers 0.42 drops a kohya final_layer LoRA (its converter consumes the alpha and applies
+    # nothing); the BFL weight gets 0.5 * up @ down and diffusers' norm_out sees it with halves swapped
+    delta = 0.5 * factors["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"] @ factors["lora_unet_final_layer_adaLN_modulation_1.lora_down.weight"]
+    half = delta.shape[0] // 2
+    assert torch.allclose(ours["norm_out.linear.weight"] - reference["norm_out.linear.weight"], torch.cat([delta[half:], delta[:half]]), atol=1e-5)
+
+
+def test_a_flux_study_searches_lora_strengths_per_block(models, tmp_path: Path) -> None:
+    import optuna
+    from safetensors.torch import save_file
+
+    a, b = models["flux-dev"]
+    files = [write_tiny_dit_single_file(tmp_path / f"{n}.safetensors", m, "flux-dev") for n, m in (("a", a), ("b", b))]
+    reference = a["transformer"].state_dict()
+    generator = torch.Generator().manual_seed(2)
+    factors = {}
+    for module in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.3.proj_mlp", "norm_out.linear"):
+        out, inp = reference[module + ".weight"].shape
+        factors[f"transformer.{module}.lora_A.weight"] = torch.randn(2, inp, generator=generator)
+        factors[f"transformer.{module}.lora_B.weight"] = torch.randn(out, 2, generator=generator)
+    save_file(factors, str(tmp_path / "style.safetensors"))
+    study_file = _study(tmp_path, files, tiny_dit_config_dir(a, "flux-dev"), "flux-lora")
+    data = yaml.safe_load(study_file.read_text())
+    data["loras"] = [{"path": str(tmp_path / "style.safetensors"), "name": "style",
+                      "strength": {"low": 0.0, "high": 1.0, "share": "per_block"}}]
+    study_file.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["study", "run", str(study_file), "--out", str(out), "--no-progress", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    trial = optuna.load_study(study_name="flux-lora", storage=f"sqlite:///{out / 'study.db'}").trials[0]
+    assert {p for p in trial.params if p.startswith("lora")} == {
+        "lora.style.double_blocks.0", "lora.style.single_blocks.3", "lora.style.final_layer"}

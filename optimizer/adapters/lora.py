@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ from optimizer.checkpoint.hashing import sha256_file
 from optimizer.checkpoint.keymap import COMPONENT_PREFIXES, UNET_PREFIX
 
 __all__ = [
-    "Lora", "LoraApplyStats", "LoraLayer", "LoraSet", "LoraTargets", "load_lora", "load_loras", "lora_targets", "targets_for_bank",
+    "Lora", "LoraApplyStats", "LoraLayer", "LoraSet", "LoraTargets", "dit_lora_targets", "load_lora", "load_loras", "lora_targets",
+    "targets_for_bank",
     "uniform_strengths",
 ]
 
@@ -50,16 +51,28 @@ def _text_towers(architecture: str) -> list[tuple[str, str, str]]:
     return [(c, prefixes[c][0], kohya[c]) for c in towers if prefixes[c][1] == "hf"]
 
 
+#: rows of an update placed into a weight: ``(first row of the weight, first row of up @ down, rows)``
+Pieces = tuple[tuple[int, int, int], ...]
+
+
 @dataclass(frozen=True)
 class LoraTargets:
-    """``(component, module) -> LDM weight key`` for every module a LoRA may adapt in one model."""
+    """``(component, module) -> weight key`` for every module a LoRA may adapt in one model.
+
+    ``pieces`` names the modules that are *part* of a stored weight (DiT architectures: diffusers'
+    ``to_q`` is the first third of Flux's fused ``qkv``; ``norm_out.linear`` is Flux's final
+    modulation with its halves swapped): where each row range of the update goes."""
 
     architecture: str
     index: Mapping[tuple[str, str], str]
     shapes: Mapping[str, tuple[int, ...]]
+    pieces: Mapping[tuple[str, str], Pieces] = field(default_factory=dict)
 
     def resolve(self, layer: LoraFactors) -> str | None:
         return self.index.get((layer.component, layer.module))
+
+    def pieces_of(self, layer: LoraFactors) -> Pieces | None:
+        return self.pieces.get((layer.component, layer.module))
 
 
 def _kohya(prefix: str, module: str) -> str:
@@ -112,6 +125,7 @@ class LoraLayer:
     up: Tensor  # [out, rank]
     down: Tensor  # [rank, in * kh * kw]
     scale: float
+    pieces: Pieces | None = None  # None: the whole weight
 
 
 @dataclass(frozen=True)
@@ -135,7 +149,8 @@ class Lora:
 
     def to(self, *, device: torch.device | str, dtype: torch.dtype) -> Lora:
         layers = tuple(
-            LoraLayer(target=l.target, block=l.block, up=l.up.to(device=device, dtype=dtype), down=l.down.to(device=device, dtype=dtype), scale=l.scale)
+            LoraLayer(target=l.target, block=l.block, up=l.up.to(device=device, dtype=dtype), down=l.down.to(device=device, dtype=dtype),
+                      scale=l.scale, pieces=l.pieces)
             for l in self.layers
         )
         return Lora(name=self.name, path=self.path, sha256=self.sha256, format=self.format, layers=layers)
@@ -147,7 +162,9 @@ def _map_layer(layer: LoraFactors, *, targets: LoraTargets, layout: BlockLayout,
         raise KeyError(layer.source_key)
     shape = targets.shapes[target]
     out_features, in_numel = int(layer.up.shape[0]), int(layer.down[0].numel())
-    if shape[0] != out_features or int(torch.Size(shape).numel()) != out_features * in_numel:
+    pieces = targets.pieces_of(layer)
+    rows = sum(n for _, _, n in pieces) if pieces else shape[0]
+    if rows != out_features or int(torch.Size(shape).numel()) != shape[0] * in_numel:
         raise LoraError(
             f"{source}: {layer.source_key}: the LoRA makes a {out_features} x {in_numel} update, "
             f"but {target} has shape {tuple(shape)} (a LoRA for another architecture?)"
@@ -158,6 +175,7 @@ def _map_layer(layer: LoraFactors, *, targets: LoraTargets, layout: BlockLayout,
         up=layer.up.reshape(out_features, -1).float(),
         down=layer.down.reshape(layer.down.shape[0], -1).float(),
         scale=layer.scale,
+        pieces=pieces,
     )
 
 
@@ -187,11 +205,13 @@ def load_lora(
             f"{path}: {len(unmapped)} of {len(parsed.layers)} LoRA modules do not map onto this {targets.architecture} model{hint}, "
             f"e.g. {unmapped[:3]}"
         )
-    seen: dict[str, str] = {}
+    seen: dict[str, list[tuple[int, int, str]]] = {}  # target -> row ranges adapted, by source key
     for layer, parsed_layer in zip(layers, parsed.layers, strict=True):
-        if layer.target in seen:
-            raise LoraError(f"{path}: {seen[layer.target]!r} and {parsed_layer.source_key!r} adapt the same weight {layer.target}")
-        seen[layer.target] = parsed_layer.source_key
+        ranges = [(dst, dst + n) for dst, _, n in layer.pieces] if layer.pieces else [(0, targets.shapes[layer.target][0])]
+        for start, end, other in seen.get(layer.target, []):
+            if any(a < end and start < b for a, b in ranges):  # q/k/v of one fused weight may come apart
+                raise LoraError(f"{path}: {other!r} and {parsed_layer.source_key!r} adapt the same weight {layer.target}")
+        seen.setdefault(layer.target, []).extend((a, b, parsed_layer.source_key) for a, b in ranges)
     return Lora(name=name or path.stem, path=path, sha256=sha256_file(path), format=parsed.format, layers=tuple(layers))
 
 
@@ -262,10 +282,13 @@ class LoraSet:
                         continue
                     view = self.views[layer.target]
                     matrix = view.view(view.shape[0], -1)
-                    if self._upcast:
-                        matrix.add_((layer.up @ layer.down).mul_(weight).to(matrix.dtype))
-                    else:
-                        matrix.addmm_(layer.up, layer.down, alpha=weight)
+                    pieces = layer.pieces or ((0, 0, matrix.shape[0]),)
+                    for dst, src, rows in pieces:
+                        part, up = matrix.narrow(0, dst, rows), layer.up.narrow(0, src, rows)
+                        if self._upcast:
+                            part.add_((up @ layer.down).mul_(weight).to(part.dtype))
+                        else:
+                            part.addmm_(up, layer.down, alpha=weight)
                     updated += 1
         return LoraApplyStats(seconds=time.perf_counter() - started, layers=updated)
 
@@ -276,8 +299,60 @@ def uniform_strengths(loras: Iterable[Lora], strength: float) -> dict[str, dict[
 
 
 def targets_for_bank(bank: Any, *, unet_config: Mapping[str, Any]) -> LoraTargets:
-    """:func:`lora_targets` for the weights of a :class:`~optimizer.merge.flat.ParentBank`."""
-    return lora_targets(architecture=bank.layout.name, shapes={s.key: s.shape for s in bank.spans}, unet_config=unet_config)
+    """:func:`lora_targets` (or, for DiT records, :func:`dit_lora_targets`) for a bank's weights."""
+    shapes = {s.key: s.shape for s in bank.spans}
+    if bank.layout.spec.modules:
+        return dit_lora_targets(layout=bank.layout, shapes=shapes)
+    return lora_targets(architecture=bank.layout.name, shapes=shapes, unet_config=unet_config)
+
+
+def dit_lora_targets(*, layout: BlockLayout, shapes: Mapping[str, Sequence[int]]) -> LoraTargets:
+    """The target index of a Flux / SD3 model with canonical keys ``shapes``.
+
+    Aliases of each weight: kohya names of the canonical modules (``lora_unet_double_blocks_0_img_attn_qkv``;
+    text encoders ``lora_te1_`` / ``lora_te2_`` / ``lora_te3_`` in record order), the canonical
+    module path (with or without ``diffusion_model.``), and the diffusers module paths of the
+    record's key rules (``transformer.transformer_blocks.0.attn.to_q``: a row range of ``qkv``,
+    found by converting a meta tensor of the weight's shape) and of the text encoders.
+    """
+    from optimizer.checkpoint.convert import _rules_of
+
+    shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+    rules = _rules_of(layout)
+    index: dict[tuple[str, str], str] = {}
+    pieces: dict[tuple[str, str], Pieces] = {}
+    towers = [m for m in layout.spec.modules if m.scheme == "rename"]
+    denoisers = [m for m in layout.spec.modules if m.scheme == "key_rules"]
+    for key, shape in shapes.items():
+        if not key.endswith(".weight"):
+            continue
+        for module in denoisers:
+            if not key.startswith(module.prefix):
+                continue
+            rel = key[len(module.prefix):]
+            name = rel[: -len(".weight")]
+            for alias in (("unet", name), ("unet", "diffusion_model." + name), ("kohya", _kohya("lora_unet_", name))):
+                index[alias] = key
+            meta = torch.empty(shape, device="meta")
+            converted, new = rules.to_diffusers({rel: meta})
+            for diffusers_key, tensor in converted.items():
+                where = (module.name, diffusers_key[: -len(".weight")])
+                index[where] = key
+                if diffusers_key in new:  # swap_halves: the update's halves go to the other half
+                    half = shape[0] // 2
+                    pieces[where] = ((half, 0, half), (0, half, half))
+                elif tensor.shape[0] != shape[0]:
+                    stride = meta.stride(0) if meta.dim() else 1
+                    pieces[where] = ((tensor.storage_offset() // stride, 0, int(tensor.shape[0])),)
+        for i, module in enumerate(towers, start=1):
+            if not key.startswith(module.prefix):
+                continue
+            name = key[len(module.prefix): -len(".weight")]
+            short = name.removeprefix("text_model.")
+            for alias in ((module.name, name), (module.name, short), ("kohya", _kohya(f"lora_te{i}_", name)),
+                          ("kohya", _kohya(f"lora_te{i}_", short))):
+                index[alias] = key
+    return LoraTargets(architecture=layout.name, index=index, shapes=shapes, pieces=pieces)
 
 
 def load_loras(

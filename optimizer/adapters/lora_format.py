@@ -81,12 +81,12 @@ _UNSUPPORTED = (
     (re.compile(r"\.lora_mid\."), "LoCon with CP decomposition (lora_mid)"),
     (re.compile(r"dora_scale|lora_magnitude_vector"), "DoRA"),
 )
-_KOHYA = re.compile(r"^(?P<name>lora_(?:unet|te|te1|te2)_[A-Za-z0-9_]+)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA = re.compile(r"^(?P<name>lora_(?:unet|te|te1|te2|te3)_[A-Za-z0-9_]+)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$")
 _PEFT = re.compile(r"^(?P<name>.+)\.(?P<role>lora_A|lora_B)(?:\.default)?\.weight$")
 _DIFFUSERS = re.compile(r"^(?P<name>.+)\.(?:lora|lora_linear_layer)\.(?P<role>down|up)\.weight$")
 _DIFFUSERS_ALPHA = re.compile(r"^(?P<name>.+)\.alpha$")
 _ATTNPROC = re.compile(r"^(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$")
-_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:

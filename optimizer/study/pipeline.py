@@ -162,9 +162,12 @@ def _bind(*, views, buffer: torch.Tensor, parents: LoadedParents, config_dir, me
 
 
 def unet_config(parents: LoadedParents, *, config_dir: str | os.PathLike[str] | None = None) -> dict:
-    """The UNet config of the render config folder (for mapping LoRA module names)."""
+    """The UNet config of the render config folder (for mapping LoRA module names); ``{}`` for
+    DiT records, whose LoRA targets come from their key rules."""
     import json
 
+    if parents.bank.layout.spec.modules:
+        return {}
     path = render_config_dir(parents, config_dir=config_dir) / "unet" / "config.json"
     if not path.is_file():
         raise BindingError(f"no UNet config at {path}")

@@ -84,8 +84,6 @@ class StudyRunner:
         layout = self.parents.bank.layout
         if config.architecture not in ("auto", layout.name):
             raise StudyConfigError(f"architecture: the study says {config.architecture}, the parents are {layout.name}")
-        if config.loras and layout.spec.denoiser != "unet":
-            raise StudyConfigError(f"loras: LoRAs on {layout.name} ({layout.spec.title}) are not supported yet")
         folder_unet = unet_config(self.parents, config_dir=config.config_dir) if config.loras else {}
         self.loras = (
             load_loras([(l.resolved_name, l.path) for l in config.loras], bank=self.parents.bank, unet_config=folder_unet)
