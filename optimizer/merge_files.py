@@ -176,7 +176,10 @@ def write_merged(
         layout = parents.bank.layout
         first = parents.checkpoints[0]
         if config_dir is None:
-            config_dir = first.path if first.source_format == "diffusers" else diffusers_config_dir(layout.spec.diffusers_config)
+            from optimizer.architectures.detect import shipped_config_name
+
+            shipped = shipped_config_name(layout, parents.bank.keys)
+            config_dir = first.path if first.source_format == "diffusers" else diffusers_config_dir(shipped)
         write_diffusers_folder(
             state_dict=state_dict, architecture=layout.name, path=output, config_dir=config_dir, overwrite=overwrite
         )

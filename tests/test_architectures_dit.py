@@ -447,3 +447,23 @@ def test_a_flux_study_searches_lora_strengths_per_block(models, tmp_path: Path) 
     trial = optuna.load_study(study_name="flux-lora", storage=f"sqlite:///{out / 'study.db'}").trials[0]
     assert {p for p in trial.params if p.startswith("lora")} == {
         "lora.style.double_blocks.0", "lora.style.single_blocks.3", "lora.style.final_layer"}
+
+
+@pytest.mark.parametrize("config", ["sd35_medium", "sd35_large", "flux", "flux_schnell"])
+def test_every_shipped_dit_config_builds_its_modules_and_blocks(config: str) -> None:
+    from optimizer.architectures.detect import shipped_config_name, variant_of
+    from optimizer.checkpoint.config_dir import diffusers_config_dir
+    from optimizer.checkpoint.convert import empty_modules
+
+    architecture = {"sd35_medium": "sd3", "sd35_large": "sd35_large"}.get(config, "flux")
+    layout = load_layout(architecture)
+    folder = diffusers_config_dir(config)
+    names = [m.name for m in layout.spec.modules]
+    modules = empty_modules(layout=layout, config_dir=folder, names=names)
+    canonical = from_diffusers(modules={n: m.state_dict() for n, m in modules.items()}, layout=layout,
+                               configs={"vae": dict(modules["vae"].config)})
+    owners = layout.assign(canonical).owner
+    assert set(owners.values()) >= set(layout.blocks) - {"guidance_in"}  # every block owns keys
+    assert shipped_config_name(layout, list(canonical)) == config
+    if architecture == "sd3":
+        assert variant_of(layout, list(canonical)) == "sd3.5"

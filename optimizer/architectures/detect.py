@@ -110,6 +110,15 @@ def variant_of(layout: BlockLayout, keys: Sequence[str]) -> str | None:
     return None
 
 
+def shipped_config_name(layout: BlockLayout, keys: Sequence[str]) -> str:
+    """The shipped config folder for these keys: the variant's (Flux schnell) or the record's."""
+    name = variant_of(layout, keys)
+    for variant in layout.spec.variants:
+        if variant.name == name and variant.diffusers_config:
+            return variant.diffusers_config
+    return layout.spec.diffusers_config
+
+
 def detect_architecture(state_dict: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> BlockLayout:
     """Return the layout whose ``identify`` rules match ``state_dict``'s keys."""
     keys = list(state_dict)

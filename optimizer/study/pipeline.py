@@ -50,7 +50,9 @@ def render_config_dir(parents: LoadedParents, *, config_dir: str | os.PathLike[s
         return zoo / "config"
     from optimizer.checkpoint.config_dir import diffusers_config_dir
 
-    return Path(diffusers_config_dir(parents.bank.layout.spec.diffusers_config))
+    from optimizer.architectures.detect import shipped_config_name
+
+    return Path(diffusers_config_dir(shipped_config_name(parents.bank.layout, parents.bank.keys)))
 
 
 _REFRESHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
