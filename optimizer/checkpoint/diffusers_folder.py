@@ -152,15 +152,8 @@ def read_diffusers_folder(path: str | os.PathLike[str]) -> tuple[dict[str, torch
     architecture = detect_folder_architecture(configs, source=str(root))
     components: dict[str, dict[str, torch.Tensor]] = {}
     for component in COMPONENT_PREFIXES[architecture]:
-        if component not in configs:
-            continue
-        tensors: dict[str, torch.Tensor] = {}
-        for file in _weight_file(root / component, component):
-            for key, value in _load_weights(file).items():
-                if key in tensors:
-                    raise CheckpointError(f"{file}: key {key!r} appears in two shards")
-                tensors[key] = value
-        components[component] = tensors
+        if component in configs:
+            components[component] = _read_module(root, component)
     state_dict = diffusers_to_ldm(
         components=components,
         architecture=architecture,
@@ -171,6 +164,7 @@ def read_diffusers_folder(path: str | os.PathLike[str]) -> tuple[dict[str, torch
 
 
 def _read_module(root: Path, name: str) -> dict[str, torch.Tensor]:
+    """The weights of module folder ``root / name`` (all shards; a key in two shards is an error)."""
     tensors: dict[str, torch.Tensor] = {}
     for file in _weight_file(root / name, name):
         for key, value in _load_weights(file).items():
