@@ -301,7 +301,7 @@ def uniform_strengths(loras: Iterable[Lora], strength: float) -> dict[str, dict[
 def targets_for_bank(bank: Any, *, unet_config: Mapping[str, Any]) -> LoraTargets:
     """:func:`lora_targets` (or, for DiT records, :func:`dit_lora_targets`) for a bank's weights."""
     shapes = {s.key: s.shape for s in bank.spans}
-    if bank.layout.spec.modules:
+    if not bank.layout.ldm:
         return dit_lora_targets(layout=bank.layout, shapes=shapes)
     return lora_targets(architecture=bank.layout.name, shapes=shapes, unet_config=unet_config)
 

@@ -59,16 +59,22 @@ class _Module(BaseModel):
     """A diffusers pipeline module stored in the checkpoint under ``prefix`` (canonical key names).
 
     ``scheme`` says how its keys become the diffusers module's: ``rename`` (strip the prefix: HF
-    CLIP / T5 text encoders), ``ldm_vae`` (diffusers' LDM VAE converter) or ``key_rules`` (the
-    layout's ``key_rules``, for DiT denoisers such as Flux and SD3).
+    CLIP / T5 text encoders), ``ldm_vae`` (diffusers' LDM VAE converter), ``key_rules`` (the
+    layout's ``key_rules``, for DiT denoisers such as Flux and SD3), or the SD1/SD2/SDXL schemes
+    of :mod:`optimizer.checkpoint.keymap`: ``ldm_unet``, ``ldm_clip`` (HF CLIP under an LDM prefix)
+    and ``openclip`` (an OpenCLIP text tower, q/k/v fused in ``in_proj``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
     prefix: str
-    scheme: Literal["rename", "ldm_vae", "key_rules"]
+    scheme: Literal["rename", "ldm_vae", "key_rules", "ldm_unet", "ldm_clip", "openclip"]
     #: the diffusers / transformers class built from the module's config (``diffusers.X`` or ``transformers.X``)
     cls: str
+
+
+#: module schemes converted by diffusers' LDM converters (:mod:`optimizer.checkpoint.keymap`)
+LDM_SCHEMES = frozenset({"ldm_unet", "ldm_clip", "openclip"})
 
 
 class _Alias(BaseModel):
@@ -219,6 +225,11 @@ class BlockLayout:
     @property
     def blocks(self) -> tuple[str, ...]:
         return self.spec.blocks
+
+    @property
+    def ldm(self) -> bool:
+        """True for SD1 / SD2 / SDXL records: their modules convert through :mod:`optimizer.checkpoint.keymap`."""
+        return any(m.scheme in LDM_SCHEMES for m in self.spec.modules)
 
     @property
     def components(self) -> tuple[str, ...]:

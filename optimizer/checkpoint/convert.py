@@ -1,6 +1,6 @@
 """Canonical checkpoint keys <-> diffusers pipeline modules, for every architecture record.
 
-SD1 / SD2 / SDXL (records without ``modules``) go through :mod:`optimizer.checkpoint.keymap`
+SD1 / SD2 / SDXL (records whose modules use the LDM schemes) go through :mod:`optimizer.checkpoint.keymap`
 (diffusers' LDM converters). DiT architectures (Flux, SD3) list their modules in the record, each
 with a prefix and a scheme:
 
@@ -131,7 +131,7 @@ def _rename_to_module(part: Mapping[str, Tensor], expected: Mapping[str, Tensor]
 
 def to_diffusers(*, state_dict: Mapping[str, Tensor], layout: BlockLayout, config_dir: str | Path) -> Converted:
     """The diffusers state dicts of the modules that have keys in the canonical ``state_dict``."""
-    if not layout.spec.modules:
+    if layout.ldm:
         return _sd_to_diffusers(state_dict=state_dict, layout=layout, config_dir=config_dir)
     from diffusers.loaders import single_file_utils as sfu
 
@@ -206,7 +206,7 @@ def recompute(*, layout: BlockLayout, canonical_key: str, diffusers_key: str, te
 
 def empty_modules(*, layout: BlockLayout, config_dir: str | Path, names) -> dict[str, torch.nn.Module]:
     """The pipeline modules ``names`` built from ``config_dir``'s configs with meta parameters."""
-    if layout.spec.modules:
+    if not layout.ldm:
         configs = module_configs(config_dir, layout)
         classes = {m.name: m.cls for m in layout.spec.modules}
         return {n: build_empty_module(classes[n], configs[n], name=n) for n in names}
@@ -220,7 +220,7 @@ def from_diffusers(*, modules: Mapping[str, Mapping[str, Tensor]], layout: Block
     """The canonical state dict of diffusers module state dicts (the inverse of :func:`to_diffusers`).
 
     ``configs`` holds each module's config (the VAE's fixes its number of levels)."""
-    if not layout.spec.modules:
+    if layout.ldm:
         from optimizer.checkpoint.keymap import diffusers_to_ldm
 
         return diffusers_to_ldm(

@@ -278,7 +278,7 @@ def write_diffusers_folder(
 
     layout = load_layout(architecture)
     reused: list[str] = []
-    if layout.spec.modules:
+    if not layout.ldm:
         from optimizer.checkpoint.convert import to_diffusers
 
         components = to_diffusers(state_dict=state_dict, layout=layout, config_dir=config_root).modules
@@ -319,7 +319,7 @@ def write_diffusers_folder(
             folder = tmp / component
             if not (folder / "config.json").is_file():
                 raise CheckpointError(f"{config_root}: no {component}/config.json")
-            clip = not layout.spec.modules or any(m.name == component and m.cls.startswith("transformers.CLIPText") for m in layout.spec.modules)
+            clip = layout.ldm or any(m.name == component and m.cls.startswith("transformers.CLIPText") for m in layout.spec.modules)
             if component.startswith("text_encoder") and clip:
                 tensors = {
                     (k if k.startswith("text_model.") or k == "text_projection.weight" else "text_model." + k): v

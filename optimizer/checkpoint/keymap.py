@@ -49,31 +49,29 @@ __all__ = [
     "load_component_configs",
 ]
 
-ARCHITECTURES = ("sd1", "sd2", "sdxl")
-
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 
-#: ``architecture -> {component: (LDM prefix, text format)}``; text format is ``"hf"`` (HF CLIP) or
-#: ``"openclip"``; ``None`` for the UNet and VAE.
-COMPONENT_PREFIXES: dict[str, dict[str, tuple[str, str | None]]] = {
-    "sd1": {
-        "unet": (UNET_PREFIX, None),
-        "vae": (VAE_PREFIX, None),
-        "text_encoder": ("cond_stage_model.transformer.", "hf"),
-    },
-    "sd2": {
-        "unet": (UNET_PREFIX, None),
-        "vae": (VAE_PREFIX, None),
-        "text_encoder": ("cond_stage_model.model.", "openclip"),
-    },
-    "sdxl": {
-        "unet": (UNET_PREFIX, None),
-        "vae": (VAE_PREFIX, None),
-        "text_encoder": ("conditioner.embedders.0.transformer.", "hf"),
-        "text_encoder_2": ("conditioner.embedders.1.model.", "openclip"),
-    },
-}
+_TEXT_FORMAT = {"ldm_clip": "hf", "openclip": "openclip"}
+
+
+def _component_prefixes() -> dict[str, dict[str, tuple[str, str | None]]]:
+    """``architecture -> {component: (LDM prefix, text format)}`` from the architecture records
+    whose modules use the LDM schemes; text format ``"hf"`` (HF CLIP) or ``"openclip"``, ``None``
+    for the UNet and VAE."""
+    from optimizer.architectures.layout import available_layouts, load_layout
+
+    out: dict[str, dict[str, tuple[str, str | None]]] = {}
+    for name in available_layouts():
+        layout = load_layout(name)
+        if layout.ldm:
+            out[name] = {m.name: (m.prefix, _TEXT_FORMAT.get(m.scheme)) for m in layout.spec.modules}
+    return out
+
+
+#: ``architecture -> {component: (LDM prefix, text format)}`` (read from the records)
+COMPONENT_PREFIXES: dict[str, dict[str, tuple[str, str | None]]] = _component_prefixes()
+ARCHITECTURES = tuple(COMPONENT_PREFIXES)
 
 #: Top-level LDM prefixes that hold model weights. Keys outside them (noise-schedule buffers such as
 #: ``alphas_cumprod``, ``model_ema.*``, ``denoiser.*``) are not model weights and are ignored.

@@ -168,7 +168,7 @@ def unet_config(parents: LoadedParents, *, config_dir: str | os.PathLike[str] | 
     DiT records, whose LoRA targets come from their key rules."""
     import json
 
-    if parents.bank.layout.spec.modules:
+    if not parents.bank.layout.ldm:
         return {}
     path = render_config_dir(parents, config_dir=config_dir) / "unet" / "config.json"
     if not path.is_file():
