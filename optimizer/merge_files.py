@@ -18,6 +18,7 @@ from optimizer.architectures.detect import check_compatible, detect_architecture
 from optimizer.architectures.layout import BlockLayout
 from optimizer.architectures.mbw import parse_mbw
 from optimizer.checkpoint.load import load_checkpoint, parse_dtype
+from optimizer.checkpoint.prediction import prediction_metadata
 from optimizer.checkpoint.reconcile import fill_inference_unused
 from optimizer.checkpoint.save import merge_metadata, save_safetensors
 from optimizer.checkpoint.types import Checkpoint, CheckpointError
@@ -71,6 +72,11 @@ class LoadedParents:
     checkpoints: list[Checkpoint]
     bank: ParentBank
     notes: tuple[str, ...] = ()  # e.g. keys that inference never reads, copied between formats
+
+    @property
+    def prediction_type(self) -> str | None:
+        """What the parents predict where any file says (they agree: :func:`load_parents` checks)."""
+        return next((c.prediction_type for c in self.checkpoints if c.prediction_type), None)
 
 
 def load_parents(
@@ -161,12 +167,14 @@ def write_merged(
         raise CheckpointError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     if output_format == "safetensors":
         metadata = merge_metadata(recipe=recipe.model_dump(mode="json"), parents=parents.checkpoints)
+        metadata.update(prediction_metadata(parents.prediction_type))
         return save_safetensors(state_dict=state_dict, path=output, metadata=metadata)
     if output_format == "bare":
         prefix = parents.bank.layout.spec.bare_prefix
         if prefix is None:
             raise CheckpointError(f"{parents.bank.layout.name} has no bare transformer format; use safetensors or diffusers")
         metadata = merge_metadata(recipe=recipe.model_dump(mode="json"), parents=parents.checkpoints)
+        metadata.update(prediction_metadata(parents.prediction_type))
         bare = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         return save_safetensors(state_dict=bare, path=output, metadata=metadata)
     if output_format == "diffusers":
@@ -181,7 +189,8 @@ def write_merged(
             shipped = shipped_config_name(layout, parents.bank.keys)
             config_dir = first.path if first.source_format == "diffusers" else diffusers_config_dir(shipped)
         write_diffusers_folder(
-            state_dict=state_dict, architecture=layout.name, path=output, config_dir=config_dir, overwrite=overwrite
+            state_dict=state_dict, architecture=layout.name, path=output, config_dir=config_dir, overwrite=overwrite,
+            prediction_type=parents.prediction_type,
         )
         return output
     raise CheckpointError(f"unknown output format {output_format!r}; use safetensors, bare or diffusers")

@@ -161,6 +161,56 @@ def test_sd2_v_and_epsilon_parents_are_refused_and_a_v_study_renders_with_v_pred
     assert trial_runner.renderer.pipe.scheduler.config.prediction_type == "v_prediction"
 
 
+def test_comfyui_saved_v_prediction_files_merge_and_the_output_still_says_v(tmp_path: Path) -> None:
+    """ComfyUI's ``state_dict_for_saving`` marks v-prediction models with an empty ``v_pred`` tensor."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from optimizer.checkpoint.load import load_checkpoint
+
+    a, b = tiny_sd2_components(0), tiny_sd2_components(1)
+    files = []
+    for name, modules in (("comfy_a", a), ("comfy_b", b)):
+        tensors = load_file(str(write_tiny_ldm(tmp_path / f"raw_{name}.safetensors", modules, "sd2")))
+        tensors["v_pred"] = torch.tensor([])
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        files.append(tmp_path / f"{name}.safetensors")
+    loaded = load_checkpoint(files[0])
+    assert loaded.prediction_type == "v_prediction" and "v_pred" not in loaded.state_dict
+    assert loaded.layout.name == "sd2"
+
+    out = tmp_path / "merged.safetensors"
+    result = runner.invoke(app, ["merge", *map(str, files), "--alpha", "0.5", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), "pt") as handle:
+        assert handle.metadata()["modelspec.prediction_type"] == "v"
+    assert load_checkpoint(out).prediction_type == "v_prediction"
+
+    # a diffusers export of epsilon parents says epsilon although the config folder (768-v) says v
+    eps = []
+    for name, modules in (("e_a", a), ("e_b", b)):
+        save_file(load_file(str(write_tiny_ldm(tmp_path / f"raw_{name}.safetensors", modules, "sd2"))),
+                  str(tmp_path / f"{name}.safetensors"), metadata={"modelspec.prediction_type": "epsilon"})
+        eps.append(tmp_path / f"{name}.safetensors")
+    config_dir = tiny_config_dir(a, "sd2")
+    folder = tmp_path / "merged-diffusers"
+    result = runner.invoke(app, ["merge", *map(str, eps), "--alpha", "0.5", "--format", "diffusers",
+                                 "--config", str(config_dir), "-o", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((folder / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    assert load_checkpoint(folder).prediction_type == "epsilon"
+
+    # ComfyUI's scaled-fp8 files are refused in one line, not merged as if the fp8 values were weights
+    tensors = load_file(str(files[0]))
+    tensors["scaled_fp8"] = torch.tensor([])
+    save_file(tensors, str(tmp_path / "fp8.safetensors"))
+    result = runner.invoke(app, ["merge", str(tmp_path / "fp8.safetensors"), str(files[1]), "--alpha", "0.5",
+                                 "-o", str(tmp_path / "fp8-out.safetensors")])
+    assert result.exit_code == 2 and "scaled-fp8" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "fp8-out.safetensors").exists()
+
+
 def test_the_readme_sdxl_study_is_a_valid_study_for_sdxl() -> None:
     import re
 

@@ -4,7 +4,8 @@ Dropped: EMA copies (``model_ema.*``), the DDPM noise-schedule buffers that LDM 
 checkpoints carry at top level (``betas``, ``alphas_cumprod``, ... ``logvar``: derived from the
 scheduler config, never merged), training leftovers (optimizer or loss entries), and the CLIP
 ``position_ids`` buffer (a constant ``arange``; merging it as floats is a known source of broken
-checkpoints, and every loader recreates it). Everything else must be owned by a block of the layout.
+checkpoints, and every loader recreates it), and ComfyUI's empty ``v_pred`` marker (read first by
+:mod:`optimizer.checkpoint.prediction`). Everything else must be owned by a block of the layout.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 _DROP = re.compile(
     r"^(model_ema\.|betas$|alphas_cumprod|alphas_cumprod_prev$|sqrt_|log_one_minus_alphas_cumprod$|"
     r"posterior_|logvar$|lvlb_weights$|optimizer|loss|global_step|epoch|lr_scheduler)"
-    r"|(\.|^)position_ids$"
+    r"|(\.|^)position_ids$|^v_pred$"
 )
 
 

@@ -243,6 +243,16 @@ def _set_config_dtype(config_path: Path, tensors: Mapping[str, torch.Tensor]) ->
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _set_prediction_type(config: Path, prediction_type: str) -> None:
+    """Rewrite a scheduler config's ``prediction_type`` (no-op without the file or when it agrees)."""
+    if not config.is_file():
+        return
+    doc = json.loads(config.read_text(encoding="utf-8"))
+    if doc.get("prediction_type") != prediction_type:
+        doc["prediction_type"] = prediction_type
+        config.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def write_diffusers_folder(
     *,
     state_dict: Mapping[str, torch.Tensor],
@@ -250,6 +260,7 @@ def write_diffusers_folder(
     path: str | os.PathLike[str],
     config_dir: str | os.PathLike[str],
     overwrite: bool = False,
+    prediction_type: str | None = None,
 ) -> Path:
     """Write an LDM-named state dict as a complete diffusers folder at ``path``; returns ``path``.
 
@@ -266,7 +277,8 @@ def write_diffusers_folder(
     The folder is written to a temporary folder next to ``path`` and renamed into place; on any
     error nothing is left behind. An existing ``path`` is an error unless ``overwrite`` is true
     (then it is replaced only after the new folder is complete). Every component of the
-    architecture must be present in ``state_dict``.
+    architecture must be present in ``state_dict``. ``prediction_type`` (the parents', where known)
+    is written into ``scheduler/scheduler_config.json`` when it differs from the config folder's.
     """
     target = Path(path)
     config_root = Path(config_dir)
@@ -315,6 +327,8 @@ def write_diffusers_folder(
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, dest)
+        if prediction_type is not None:
+            _set_prediction_type(tmp / "scheduler" / "scheduler_config.json", prediction_type)
         for component, tensors in components.items():
             folder = tmp / component
             if not (folder / "config.json").is_file():

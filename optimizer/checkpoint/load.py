@@ -59,6 +59,12 @@ def load_checkpoint(path: str | os.PathLike[str], *, dtype: str | torch.dtype | 
         tensors, metadata, source_format = read_weights(path)
         state_dict = tensors
         digest = sha256_file(path)
+    if "scaled_fp8" in state_dict:
+        raise CheckpointError(
+            f"{path}: a ComfyUI scaled-fp8 checkpoint (weights stored as fp8 times per-tensor scales) cannot be merged "
+            "as is; save it from ComfyUI in fp16 or bf16"
+        )
+    raw_keys = frozenset(state_dict)
     state_dict = cast_floats(drop_non_weights(state_dict), dtype=target)
     if not state_dict:
         raise CheckpointError(f"{path}: contains no tensors")
@@ -71,5 +77,5 @@ def load_checkpoint(path: str | os.PathLike[str], *, dtype: str | torch.dtype | 
 
     return Checkpoint(
         path=path, state_dict=state_dict, layout=layout, sha256=digest, source_format=source_format, metadata=metadata,
-        prediction_type=read_prediction_type(path, metadata=metadata, source_format=source_format),
+        prediction_type=read_prediction_type(path, metadata=metadata, source_format=source_format, keys=raw_keys),
     )

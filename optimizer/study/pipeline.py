@@ -145,7 +145,7 @@ def _bind(*, views, buffer: torch.Tensor, parents: LoadedParents, config_dir, me
             raise BindingError(f"{name}: {len(unbound)} parameters are copies, not views of the merge buffer (e.g. {unbound[:3]})")
         refreshed += [(params[d], c, d) for d, c in new.items() if d in params]
     pipe = _skeleton(pipeline_class(layout), folder, modules=modules, dtype=parents.bank.dtype)
-    predicted = next((c.prediction_type for c in parents.checkpoints if c.prediction_type), None)
+    predicted = parents.prediction_type
     scheduler = getattr(pipe, "scheduler", None)
     if predicted and scheduler is not None and "prediction_type" in scheduler.config and scheduler.config.prediction_type != predicted:
         pipe.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=predicted)  # the parents say
