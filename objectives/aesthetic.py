@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from objectives.base import MeanScore, check_images
+from objectives.base import MeanScore, ObjectiveError, check_images
+from optimizer.errors import EvomergeError
 
 
-class AestheticHeadError(ValueError):
+class AestheticHeadError(EvomergeError, ValueError):
     """An aesthetic head file that is missing, unreadable or of an unknown layout."""
 
 
@@ -63,12 +64,15 @@ class MLPHead(nn.Module):
 def load_aesthetic_head(path: str | os.PathLike[str], *, embed_dim: int | None = None) -> nn.Module:
     """Load a LAION linear head or an improved-predictor MLP (eval mode, CPU)."""
     path = Path(path)
-    if not path.is_file():
+    from optimizer.checkpoint.safe_read import check_weight_file, unpickler_reason
+
+    if not path.exists():
         raise AestheticHeadError(f"no aesthetic head at {path}")
+    check_weight_file(path, error=AestheticHeadError)
     try:
         state = torch.load(str(path), weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise AestheticHeadError(f"{path}: not a weights-only torch file: {exc}") from None
+        raise AestheticHeadError(f"{path}: not a weights-only torch file: {unpickler_reason(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise AestheticHeadError(f"{path}: expected a state dict of tensors")
     if set(state) == {"weight", "bias"} and state["weight"].ndim == 2 and state["weight"].shape[0] == 1:
@@ -117,5 +121,5 @@ class AestheticObjective(MeanScore):
 
         embeddings = encode_images(self.model, check_images(images), batch_size=self.batch_size)
         if embeddings.shape[1] != self.head.dim:
-            raise ValueError(f"{self.name}: the head takes {self.head.dim}-d CLIP embeddings, the CLIP model gives {embeddings.shape[1]}-d")
+            raise ObjectiveError(f"{self.name}: the head takes {self.head.dim}-d CLIP embeddings, the CLIP model gives {embeddings.shape[1]}-d")
         self.add(aesthetic_scores(self.head, embeddings.cpu()))

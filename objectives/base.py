@@ -13,7 +13,14 @@ from typing import Literal, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from optimizer.errors import EvomergeError
+
 Direction = Literal["maximize", "minimize"]
+
+
+class ObjectiveError(EvomergeError, ValueError):
+    """An objective cannot be built or computed from what the user gave (missing weights or
+    prompts, too few images); the message names the file or option."""
 
 
 @runtime_checkable
@@ -59,5 +66,5 @@ class MeanScore:
 
     def compute(self) -> float:
         if not self._count:
-            raise ValueError(f"{self.name}: no images scored since reset()")
+            raise ObjectiveError(f"{self.name}: no images scored since reset()")
         return self._sum / self._count

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from objectives.base import MeanScore, check_images
+from objectives.base import MeanScore, ObjectiveError, check_images
 
 
 def image_normalization(model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,9 +100,9 @@ def load_open_clip(model_name: str, *, pretrained: str | os.PathLike[str] | None
     if model_name == MODEL_NAME:
         register_zoo_clip()
     if model_name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model_name!r} (open_clip.list_models() lists the known ones)")
+        raise ObjectiveError(f"unknown open_clip model {model_name!r} (open_clip.list_models() lists the known ones)")
     if pretrained is not None and os.path.sep in str(pretrained) and not os.path.isfile(pretrained):
-        raise FileNotFoundError(f"no CLIP weights file at {pretrained}")
+        raise ObjectiveError(f"no CLIP weights file at {pretrained}")
     model = open_clip.create_model(model_name, pretrained=str(pretrained) if pretrained is not None else None, device=device)
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(model_name)
 

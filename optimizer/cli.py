@@ -8,18 +8,49 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+from optimizer.errors import EvomergeError
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {' '.join(str(message).split())}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code=2)
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an operating-system failure: ``PATH: reason`` (read-only folder, full disk, ...)."""
+    where = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{where}: {reason}" if where else reason
+
+
+class GuardedGroup(TyperGroup):
+    """The command group that turns every expected failure into one line and exit code 2.
+
+    Caught: :class:`~optimizer.errors.EvomergeError` (bad input, a broken set-up) and ``OSError``
+    (a read-only folder, a full disk, a file that vanished); Ctrl-C stops with one line and exit
+    code 130. Anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        try:
+            return super().invoke(ctx)
+        except EvomergeError as exc:
+            raise _fail(str(exc)) from None
+        except OSError as exc:
+            raise _fail(os_error_line(exc)) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted", err=True, fg=typer.colors.RED)
+            raise typer.Exit(code=130) from None
+
 
 app = typer.Typer(
     name="evomerge",
     help="Evolutionary per-block merge-ratio optimizer for Stable Diffusion checkpoints.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=GuardedGroup,
 )
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code=2)
 
 
 @app.command()
@@ -51,6 +82,17 @@ def inspect(
         typer.echo(f"  {block:<6} {row['keys']:>6} {row['params']:>14,}")
     if info["merge_recipe"]:
         typer.echo(f"  merge recipe  {info['merge_recipe']}")
+
+
+def _check_uniform_params(method, params: dict[str, str], *, n_parents: int) -> None:
+    """Range-check the parameters given as one number before any parent is loaded."""
+    method.check_parents(n_parents)
+    for name, text in params.items():
+        try:
+            value = float(text)
+        except ValueError:
+            continue  # an MBW string: checked per block when the recipe is built
+        method.check_value(name, value)
 
 
 def _parse_params(values: list[str]) -> dict[str, str]:
@@ -112,12 +154,15 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     placement: Annotated[str, typer.Option(help="device (parents on the device) or host (parents in host memory, streamed per block: parents too big for the GPU).")] = "device",
     lora: Annotated[list[str], typer.Option(help="Bake a LoRA into the merge: PATH[:STRENGTH[:LBW]] (LBW: a block weight string or preset such as OUTALL). Repeatable.")] = [],  # noqa: B006
+    allow_nonfinite: Annotated[bool, typer.Option(help="Merge parents that hold NaN/Inf values (refused by default).")] = False,
 ) -> None:
-    """Merge checkpoints per block and write the result (atomically, with A1111 merge metadata)."""
+    """Merge checkpoints per block and write the result (atomically, with A1111 merge metadata).
+
+    Parameters not given take the method's defaults (weighted_sum: alpha 0.5), and a note says so."""
     from optimizer.architectures.layout import LayoutError
     from optimizer.checkpoint.types import CheckpointError
     from optimizer.merge import MergeError, get_method
-    from optimizer.merge_files import load_parents, merge_to_file, recipe_from_strings
+    from optimizer.merge_files import check_merged_output, load_parents, merge_to_file, recipe_from_strings
 
     if alpha is not None and mbw is not None:
         raise _fail("give --alpha or --mbw, not both")
@@ -130,9 +175,15 @@ def merge(
             if "alpha" in params:
                 raise _fail("alpha given twice (--alpha/--mbw and --param alpha=...)")
             params["alpha"] = mbw if mbw is not None else repr(alpha)
-        loaded = load_parents(paths=parents, dtype=dtype, device=device, placement=placement)
+        _check_uniform_params(merge_method, params, n_parents=len(parents))
+        check_merged_output(output, output_format=output_format, overwrite=overwrite)
+        loaded = load_parents(paths=parents, dtype=dtype, device=device, placement=placement, allow_nonfinite=allow_nonfinite)
         for note in loaded.notes:
             typer.echo(f"note: {note}")
+        defaults = [p for p in merge_method.param_names(loaded.bank.n_parents) if p not in params]
+        if defaults:
+            typer.echo("note: not given, the method's default for every block: "
+                       + ", ".join(f"{p} {merge_method.params[p]:g}" for p in defaults))
         recipe = recipe_from_strings(
             method=merge_method.name, layout=loaded.bank.layout, params=params, seed=seed, merge_vae=merge_vae
         )
@@ -141,7 +192,7 @@ def merge(
         written = merge_to_file(parents=loaded, recipe=recipe, output=output, output_format=output_format, config_dir=config,
             overwrite=overwrite, loras=loras,
         )
-    except (CheckpointError, LayoutError, MergeError, ValueError) as exc:
+    except (CheckpointError, LayoutError, MergeError) as exc:
         raise _fail(str(exc)) from None
     typer.echo(f"wrote {written}")
 
@@ -161,10 +212,9 @@ def score(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Score a folder of images with CLIP score, FID, KID or an aesthetic head."""
-    from objectives.fid import ReferenceSetError
     from objectives.aesthetic import AestheticHeadError
+    from objectives.fid import ReferenceSetError
     from objectives.score_folder import build_objectives, score_folder
-
     from optimizer.zoo.paths import clip_weights_or_zoo
 
     clip_weights = clip_weights_or_zoo(clip_model, clip_weights)
@@ -220,7 +270,8 @@ def _quiet_optuna() -> None:
 
 
 def _open_study(study: Path, *, storage: str | None = None):
-    """``(config, folder, optuna study)`` of a study folder (or a study file: its default folder)."""
+    """``(config, folder, optuna study)`` of a study folder (or a study file: its default folder).
+    Read-only: a missing or empty database is an error, never created."""
     import optuna
 
     from optimizer.study.config import load_study_config
@@ -228,35 +279,46 @@ def _open_study(study: Path, *, storage: str | None = None):
 
     if study.is_dir():
         folder = StudyFolder(study)
+        if not folder.config.is_file():
+            raise _fail(f"{study} is not a study folder (no study.yaml)")
         config = load_study_config(folder.config)
     else:
         config = load_study_config(study)
         folder = StudyFolder(Path("out") / config.name)
     url = storage or folder.storage_url(config)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise _fail(f"no study database at {url.removeprefix('sqlite:///')}; run `evomerge study run` first")
     try:
-        loaded = optuna.load_study(study_name=config.name, storage=open_storage(url, heartbeat=config.heartbeat))
+        loaded = optuna.load_study(study_name=config.name, storage=open_storage(url, heartbeat=config.heartbeat, create=False))
     except KeyError:
         raise _fail(f"no study named {config.name!r} in {url}") from None
     return config, folder, loaded
 
 
 def _run(config, folder, *, storage: str | None = None, progress: bool = True, salt: int = 0, threads: int | None = None) -> None:
+    """Run (or join) the study of ``config`` in ``folder``; every check comes before anything is
+    created. Ctrl-C: the running trial is failed and re-queued, the report is written, exit 130."""
     from optimizer.study.report import write_report
-    from optimizer.study.runner import run_study
+    from optimizer.study.runner import StudyInterrupted, run_study
 
+    folder.check_for(config)
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
-    folder.write_config(config)
-    study = run_study(config, folder=folder, progress=progress, storage_url=storage, salt=salt)
-    _summary(study, config, folder)
+    url = storage or folder.storage_url(config)
+    try:
+        study = run_study(config, folder=folder, progress=progress, storage_url=storage, salt=salt)
+    except StudyInterrupted as exc:
+        _summary(exc.study, config, url)
+        write_report(exc.study, folder=folder.report, architecture=_architecture(exc.study))
+        typer.secho(f"{exc} (report: {folder.report / 'trials.md'})", err=True, fg=typer.colors.RED)
+        raise typer.Exit(code=130) from None
+    _summary(study, config, url)
     written = write_report(study, folder=folder.report, architecture=_architecture(study))
     typer.echo(f"report: {written.get('markdown')} (+ {', '.join(p.name for k, p in written.items() if k != 'markdown')})")
     typer.echo(f"dashboard: evomerge dashboard {folder.root}   (optuna-dashboard on http://127.0.0.1:8080)")
-    typer.echo(f"export: evomerge export {folder.root} --format safetensors -o best.safetensors")
+    fmt = "recipe" if config.technique == "output_ensemble" else "safetensors"
+    suffix = "yaml" if fmt == "recipe" else "safetensors"
+    typer.echo(f"export: evomerge export {folder.root} --format {fmt} -o best.{suffix}")
 
 
 def _architecture(study) -> str:
@@ -268,12 +330,14 @@ def _architecture(study) -> str:
     return study.user_attrs.get("architecture", "sd1")
 
 
-def _summary(study, config, folder) -> None:
+def _summary(study, config, url: str) -> None:
     import optuna
+
+    from optimizer.study.storage import _redact
 
     states = [t.state for t in study.get_trials(deepcopy=False)]
     counts = {s.name.lower(): states.count(s) for s in optuna.trial.TrialState if states.count(s)}
-    typer.echo(f"study {config.name}: {', '.join(f'{v} {k}' for k, v in counts.items())} (storage {folder.storage_url(config) if not config.storage else config.storage})")
+    typer.echo(f"study {config.name}: {', '.join(f'{v} {k}' for k, v in counts.items())} (storage {_redact(url)[1:-1]})")
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return
@@ -336,8 +400,8 @@ def worker(
     """Join a running study from another process, GPU or host (the study file is read from the storage)."""
     import optuna
 
-    from optimizer.study.storage import StudyFolder, config_from_study, open_storage
     from optimizer.study.config import HeartbeatConfig
+    from optimizer.study.storage import StudyFolder, config_from_study, open_storage
 
     _quiet_optuna()
     try:
@@ -367,7 +431,7 @@ def report(
 
     try:
         config, folder, loaded = _open_study(study)
-        _summary(loaded, config, folder)
+        _summary(loaded, config, folder.storage_url(config))
         written = write_report(loaded, folder=folder.report, architecture=_architecture(loaded))
     except _study_errors() as exc:
         raise _fail(str(exc)) from None
@@ -412,14 +476,30 @@ def dashboard(
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
+    if not 1 <= port <= 65535:
+        raise _fail(f"--port: {port} is not a TCP port (1 to 65535)")
     try:
         config, folder, _ = _open_study(study, storage=storage)
     except _study_errors() as exc:
         raise _fail(str(exc)) from None
     url = storage or folder.storage_url(config)
+    _check_port_free(port)
     folder.artifacts.mkdir(parents=True, exist_ok=True)
     typer.echo(f"optuna-dashboard: http://127.0.0.1:{port}  (study {config.name}, {url}); Ctrl-C stops it")
     optuna_dashboard.run_server(url, host="127.0.0.1", port=port, artifact_store=FileSystemArtifactStore(str(folder.artifacts)))
+
+
+def _check_port_free(port: int) -> None:
+    """One line if ``port`` cannot be served on 127.0.0.1 (in use, or reserved for root)."""
+    import errno
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            why = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+            raise _fail(f"--port: port {port} on 127.0.0.1 {why}; give another --port") from None
 
 
 zoo_app = typer.Typer(help="The embedded zoo of small SD1-topology models trained on coloured digits.", no_args_is_help=True)

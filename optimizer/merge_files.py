@@ -65,6 +65,22 @@ def recipe_from_strings(
     return MergeRecipe(method=method, params=merged, seed=seed, merge_vae=merge_vae)
 
 
+def nonfinite_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of the floating-point tensors that hold a NaN or an infinity, sorted."""
+    return sorted(k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], *, source: str) -> None:
+    """:class:`CheckpointError` naming ``source`` and its first keys if any tensor is not finite."""
+    bad = nonfinite_keys(state_dict)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensor(s) hold NaN or Inf values ({shown}); a merge would spread them into the output "
+            "(--allow-nonfinite / allow_nonfinite: true merges it anyway)"
+        )
+
+
 @dataclass(frozen=True)
 class LoadedParents:
     """Parents loaded once: their provenance (tensors dropped) and the bank on the device."""
@@ -85,9 +101,13 @@ def load_parents(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = "auto",
     placement: str = "device",
+    allow_nonfinite: bool = False,
 ) -> LoadedParents:
     """Load parent checkpoints, check they can be merged, and build the bank: on the device
     (``placement="device"``), or in host memory streamed to the device per merge (``"host"``).
+
+    A parent holding NaN or infinite values is refused (the error names its file and keys: a
+    merge would spread them into the output) unless ``allow_nonfinite``.
 
     The returned checkpoints keep path, hashes and metadata but no tensors: the bank holds the
     only copy of the weights.
@@ -99,6 +119,9 @@ def load_parents(
     target = parse_dtype(dtype)
     checkpoints = [load_checkpoint(p, dtype=target) for p in paths]
     names = [str(c.path) for c in checkpoints]
+    if not allow_nonfinite:
+        for checkpoint, name in zip(checkpoints, names, strict=True):
+            check_finite(checkpoint.state_dict, source=name)
     known = [(c.prediction_type, n) for c, n in zip(checkpoints, names, strict=True) if c.prediction_type]
     if len({p for p, _ in known}) > 1:
         (p0, n0), (p1, n1) = known[0], next(k for k in known if k[0] != known[0][0])
@@ -120,6 +143,17 @@ def load_parents(
     return LoadedParents(checkpoints=light, bank=bank, notes=tuple(notes))
 
 
+def check_merged_output(output: str | os.PathLike[str], *, output_format: str, overwrite: bool) -> Path:
+    """``output`` if merged weights in ``output_format`` can be written there (see
+    :func:`optimizer.atomic.check_output`: a diffusers folder replaces only a diffusers folder)."""
+    from optimizer.atomic import check_output
+    from optimizer.checkpoint.diffusers_folder import is_diffusers_folder
+
+    folder = output_format == "diffusers"
+    return check_output(output, overwrite=overwrite, folder=folder, replaceable=is_diffusers_folder if folder else None,
+                        what="diffusers folder" if folder else "checkpoint")
+
+
 def merge_to_file(
     *,
     parents: LoadedParents,
@@ -138,9 +172,7 @@ def merge_to_file(
     A diffusers folder needs component configs that match the weights: ``config_dir``, else the
     first parent when it is a diffusers folder, else the shipped config of the architecture.
     """
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise CheckpointError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    output = check_merged_output(output, output_format=output_format, overwrite=overwrite)
     merger = Merger(parents.bank, loras=loras)
     merger.merge(recipe)
     return write_merged(
@@ -162,9 +194,7 @@ def write_merged(
     """Write merged weights atomically: ``safetensors`` (canonical single file, ComfyUI / A1111
     names, the recipe in its metadata), ``bare`` (Flux / SD3: the transformer alone with Black
     Forest Labs' / Stability's names, as ``flux1-dev.safetensors``) or ``diffusers`` (a folder)."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise CheckpointError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    output = check_merged_output(output, output_format=output_format, overwrite=overwrite)
     if output_format == "safetensors":
         metadata = merge_metadata(recipe=recipe.model_dump(mode="json"), parents=parents.checkpoints)
         metadata.update(prediction_metadata(parents.prediction_type))

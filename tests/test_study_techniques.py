@@ -132,9 +132,13 @@ def test_output_ensemble_with_weight_zero_renders_the_first_parent_and_is_not_ex
     study = run_study(config, folder=folder, progress=False, runner=runner)
     from optimizer.study.export import ExportError, export_trial
 
-    with pytest.raises(ExportError, match="output ensemble"):
-        export_trial(study=study, config=config, trial=study.best_trial, output_format="safetensors", output=tmp_path / "x.safetensors", parents=runner.parents)
-    assert not (tmp_path / "x.safetensors").exists()
+    for fmt in ("safetensors", "mbw", "diffusers"):  # an ensemble is no merge: no MBW string "method weighted_sum" either
+        with pytest.raises(ExportError, match="output ensemble.*not a merge.*--format recipe"):
+            export_trial(study=study, config=config, trial=study.best_trial, output_format=fmt, output=tmp_path / "x.out", parents=runner.parents)
+    assert not (tmp_path / "x.out").exists()
+    doc = tmp_path / "ensemble.yaml"
+    export_trial(study=study, config=config, trial=study.best_trial, output_format="recipe", output=doc, parents=runner.parents)
+    assert "technique: output_ensemble" in doc.read_text()
 
 
 def test_recalibration_meets_the_interpolated_parent_statistics_and_is_exported(tmp_path: Path) -> None:

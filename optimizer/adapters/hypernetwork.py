@@ -59,7 +59,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +70,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from optimizer.atomic import write_atomic
+from optimizer.checkpoint.safe_read import unpickler_reason
+from optimizer.errors import EvomergeError
 
 if TYPE_CHECKING:
     from diffusers.models.attention_processor import Attention
@@ -135,7 +136,7 @@ ACTIVATIONS: Mapping[str, type[nn.Module]] = MappingProxyType(_activation_table(
 WEIGHT_INITS: tuple[str, ...] = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 
 
-class HypernetworkError(ValueError):
+class HypernetworkError(EvomergeError, ValueError):
     """A hypernetwork file or structure is unreadable, unsafe or inconsistent."""
 
 
@@ -530,32 +531,25 @@ def save_hypernetwork(hypernetwork: Hypernetwork, path: str | os.PathLike[str]) 
 # loading
 
 
-def _unpickler_reason(exc: BaseException) -> str:
-    """The informative line of torch's weights-only refusal (``Unsupported global: GLOBAL x.Y ...``)."""
-    lines = [line.replace("WeightsUnpickler error:", "").strip() for line in str(exc).splitlines()]
-    lines = [line for line in lines if line]
-    for line in lines:
-        if "global" in line.lower() or line.lower().startswith("unsupported"):
-            return line.split(". ")[0]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _unreadable(path: Path, detail: object) -> HypernetworkError:
     return HypernetworkError(f"{path}: not a readable torch file ({path.stat().st_size} bytes; truncated or corrupt?): {detail}")
 
 
 def _read(path: Path) -> object:
+    from optimizer.checkpoint.safe_read import check_weight_file
+
+    check_weight_file(path, error=HypernetworkError)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = _unpickler_reason(exc)
+        reason = unpickler_reason(exc)
         if "global" not in reason.lower():  # e.g. "Unsupported operand 103": not a pickle at all
             raise _unreadable(path, reason) from exc
         raise HypernetworkError(
             f"{path}: not a safe hypernetwork file: its pickle needs Python objects beyond tensors and plain "
             f"containers, which evomerge never unpickles (torch.load weights_only=True said: {reason})"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # noqa: BLE001 - unpickling arbitrary bytes raises anything (IndexError, KeyError, ...)
         raise _unreadable(path, str(exc) or type(exc).__name__) from exc
 
 

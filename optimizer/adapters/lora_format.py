@@ -38,11 +38,12 @@ from torch import Tensor
 
 from optimizer.checkpoint.safe_read import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, read_pickle_weights_only, read_safetensors
 from optimizer.checkpoint.types import CheckpointError
+from optimizer.errors import EvomergeError
 
 __all__ = ["LoraError", "LoraFactors", "ParsedLora", "parse_lora", "read_lora_file"]
 
 
-class LoraError(ValueError):
+class LoraError(EvomergeError, ValueError):
     """A LoRA file that cannot be read, parsed or mapped onto the model (the message names the key)."""
 
 
@@ -92,7 +93,7 @@ _COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_en
 def read_lora_file(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and metadata of a LoRA file (safetensors, or a weights-only pickle)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise LoraError(f"no LoRA file at {path}")
     try:
         if path.suffix in SAFETENSORS_SUFFIXES:

@@ -16,14 +16,16 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import Literal
 from importlib import resources
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from optimizer.errors import EvomergeError
 
-class LayoutError(ValueError):
+
+class LayoutError(EvomergeError, ValueError):
     """A layout file is invalid, or a key cannot be assigned to exactly one block."""
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from optimizer.atomic import atomic_folder, check_output
 from optimizer.checkpoint.keymap import COMPONENT_PREFIXES, diffusers_to_ldm, ldm_to_diffusers
 from optimizer.checkpoint.types import CheckpointError
 
@@ -106,6 +106,9 @@ def _weight_file(folder: Path, component: str) -> list[Path]:
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from optimizer.checkpoint.safe_read import check_weight_file, unpickler_reason
+
+    check_weight_file(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -116,7 +119,7 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling refused or corrupt
-        raise CheckpointError(f"{path}: cannot read with torch.load(weights_only=True): {exc}") from exc
+        raise CheckpointError(f"{path}: cannot read with torch.load(weights_only=True): {unpickler_reason(exc)}") from exc
     if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
         data = data["state_dict"]
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -253,6 +256,11 @@ def _set_prediction_type(config: Path, prediction_type: str) -> None:
         config.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def is_diffusers_folder(path: Path) -> bool:
+    """True for a folder with a ``model_index.json`` (what :func:`write_diffusers_folder` writes)."""
+    return (Path(path) / "model_index.json").is_file()
+
+
 def write_diffusers_folder(
     *,
     state_dict: Mapping[str, torch.Tensor],
@@ -276,7 +284,8 @@ def write_diffusers_folder(
 
     The folder is written to a temporary folder next to ``path`` and renamed into place; on any
     error nothing is left behind. An existing ``path`` is an error unless ``overwrite`` is true
-    (then it is replaced only after the new folder is complete). Every component of the
+    (then it is replaced only after the new folder is complete, and only if it is a diffusers
+    folder: ``--overwrite`` never deletes a folder of other files). Every component of the
     architecture must be present in ``state_dict``. ``prediction_type`` (the parents', where known)
     is written into ``scheduler/scheduler_config.json`` when it differs from the config folder's.
     """
@@ -284,8 +293,7 @@ def write_diffusers_folder(
     config_root = Path(config_dir)
     if not (config_root / "model_index.json").is_file():
         raise CheckpointError(f"{config_root}: not a diffusers config folder (no model_index.json)")
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target}: already exists (pass overwrite=True to replace it)")
+    check_output(target, overwrite=overwrite, folder=True, replaceable=is_diffusers_folder, what="diffusers folder")
     from optimizer.architectures.layout import load_layout
 
     layout = load_layout(architecture)
@@ -315,9 +323,7 @@ def write_diffusers_folder(
             )
     from safetensors.torch import save_file
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         for source in sorted(config_root.rglob("*")):
             rel = source.relative_to(config_root)
             if source.is_dir() or rel.name.startswith("."):
@@ -347,19 +353,4 @@ def write_diffusers_folder(
                 save_file(saveable, str(weights), metadata={"format": "pt"})
             except Exception as exc:  # noqa: BLE001 - safetensors / OS errors
                 raise CheckpointError(f"{target}: cannot write {component} weights: {type(exc).__name__}: {exc}") from exc
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, trash / "old")
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(trash / "old", target)
-                shutil.rmtree(trash, ignore_errors=True)
-                raise
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

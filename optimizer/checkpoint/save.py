@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,33 +20,22 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from optimizer.atomic import atomic_file
 from optimizer.checkpoint.hashing import legacy_hash
 from optimizer.checkpoint.types import Checkpoint, CheckpointError
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds
+    (see :mod:`optimizer.atomic`: stale temporaries of ours are cleaned, permissions follow the umask)."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; give a file name for the checkpoint")
     if not path.parent.exists():
         raise CheckpointError(f"{path.parent}: output folder does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(path) as tmp:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_safetensors(
@@ -63,7 +51,12 @@ def save_safetensors(
         raise CheckpointError(f"safetensors metadata values must be strings: {bad}")
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        try:
+            save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors reports I/O failures as its own error
+            raise CheckpointError(f"{path}: cannot write: {exc}") from None
     return Path(path)
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from optimizer.architectures.layout import BlockLayout
+from optimizer.errors import EvomergeError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EvomergeError, ValueError):
     """A checkpoint cannot be read, is unsafe to read, or is not a Stable Diffusion model."""
 
 

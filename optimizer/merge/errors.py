@@ -1,7 +1,9 @@
 """Errors of the merge package; all are ``ValueError`` subclasses with messages naming the culprit."""
 
+from optimizer.errors import EvomergeError
 
-class MergeError(ValueError):
+
+class MergeError(EvomergeError, ValueError):
     """Base class of merge errors."""
 
 

@@ -193,7 +193,7 @@ def _check_same_keys_and_shapes(state_dicts: Sequence[Mapping[str, Tensor]]) -> 
         for k, t in first.items():
             if tuple(sd[k].shape) != tuple(t.shape):
                 raise ParentMismatchError(f"key {k!r}: parent {i} has shape {tuple(sd[k].shape)}, parent 0 has {tuple(t.shape)}")
-            if is_mergeable(k, t) and not sd[k].is_floating_point():
+            if sd[k].is_floating_point() != t.is_floating_point():  # a float merged with an integer tensor, either way round
                 raise ParentMismatchError(f"key {k!r}: parent {i} has dtype {sd[k].dtype}, parent 0 has {t.dtype}")
 
 

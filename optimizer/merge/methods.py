@@ -78,6 +78,11 @@ class ParamRange:
 
 
 FINITE = ParamRange()
+#: an interpolation weight: 0 gives the first model, 1 the other (past either end is extrapolation,
+#: which an interpolating method refuses: add_difference / task arithmetic extrapolate on purpose)
+UNIT = ParamRange(0.0, 1.0)
+#: a task-vector multiplier: 1 adds the whole difference; beyond +-3 no published merge goes
+MULTIPLIER = ParamRange(-3.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,7 @@ def _add_difference_coefficients(n_parents: int, params: Mapping[str, float]) ->
     parents=(2, 5),
     params={"alpha": 0.5, "beta": 0.0, "gamma": 0.0, "delta": 0.0},
     per_parent=("alpha", "beta", "gamma", "delta"),
+    ranges=dict.fromkeys(("alpha", "beta", "gamma", "delta"), UNIT),
     granularity="elementwise",
     coefficients=_weighted_sum_coefficients,
 )
@@ -281,7 +287,8 @@ def weighted_sum(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Gen
 
 
 @merge_method(
-    name="add_difference", parents=(3, 3), params={"alpha": 1.0}, granularity="elementwise", coefficients=_add_difference_coefficients
+    name="add_difference", parents=(3, 3), params={"alpha": 1.0}, ranges={"alpha": MULTIPLIER}, granularity="elementwise",
+    coefficients=_add_difference_coefficients,
 )
 def add_difference(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator | None = None, alpha: float) -> Tensor:
     """Add difference: ``A + alpha (B - C)`` (two passes: ``out = B - C``, then ``out = A + alpha out``)."""
@@ -299,7 +306,7 @@ def add_difference(parents: Sequence[Tensor], *, out: Tensor, generator: torch.G
     name="ties",
     parents=(2, 5),
     params={"alpha": 1.0, "density": 0.2},
-    ranges={"density": ParamRange(0.0, 1.0, low_open=True)},
+    ranges={"alpha": MULTIPLIER, "density": ParamRange(0.0, 1.0, low_open=True)},
     granularity="tensor",
 )
 def ties(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator | None = None, alpha: float, density: float) -> Tensor:
@@ -346,7 +353,7 @@ def ties(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator |
     name="dare",
     parents=(2, 5),
     params={"alpha": 1.0, "drop_rate": 0.9},
-    ranges={"drop_rate": ParamRange(0.0, 1.0, high_open=True)},
+    ranges={"alpha": MULTIPLIER, "drop_rate": ParamRange(0.0, 1.0, high_open=True)},
     granularity="tensor",
     stochastic=True,
 )
@@ -417,7 +424,7 @@ def _dot_and_norms(pair: _Upcast) -> tuple[float, float, float]:
     return dot, aa, bb
 
 
-@merge_method(name="slerp", parents=(2, 2), params={"alpha": 0.5}, granularity="tensor")
+@merge_method(name="slerp", parents=(2, 2), params={"alpha": 0.5}, ranges={"alpha": UNIT}, granularity="tensor")
 def slerp(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator | None = None, alpha: float) -> Tensor:
     """Spherical interpolation per tensor, ``t = alpha``.
 

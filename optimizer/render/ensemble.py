@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimizer.errors import EvomergeError
 from optimizer.render.pipelines import replace_components
 
 __all__ = [
@@ -66,7 +67,7 @@ VAE_FIELDS = ("latent_channels", "scaling_factor", "shift_factor")
 SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
 
 
-class EnsembleError(ValueError):
+class EnsembleError(EvomergeError, ValueError):
     """The models cannot be ensembled, or the ensemble was given invalid weights or inputs."""
 
 

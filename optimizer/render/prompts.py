@@ -33,6 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from optimizer.config_errors import describe_validation_error, read_yaml_file
+from optimizer.errors import EvomergeError
 from optimizer.render.schedulers import SCHEDULERS
 
 __all__ = ["PromptItem", "PromptSet", "PromptSetError", "RenderJob", "Split", "load_prompt_set", "parse_prompt_set"]
@@ -40,7 +41,7 @@ __all__ = ["PromptItem", "PromptSet", "PromptSetError", "RenderJob", "Split", "l
 Split = Literal["search", "held_out"]
 
 
-class PromptSetError(ValueError):
+class PromptSetError(EvomergeError, ValueError):
     """A prompt set file is missing, is not YAML, or fails validation (the message names the field)."""
 
 

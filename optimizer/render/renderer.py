@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from optimizer.errors import EvomergeError
 from optimizer.render.pipelines import denoiser, replace_components
 from optimizer.render.prompts import PromptSet, RenderJob
 from optimizer.render.schedulers import make_scheduler
@@ -41,7 +42,7 @@ from optimizer.render.schedulers import make_scheduler
 __all__ = ["NonFiniteImages", "RenderError", "RenderOutOfMemory", "RenderedBatch", "Renderer", "is_out_of_memory"]
 
 
-class RenderError(RuntimeError):
+class RenderError(EvomergeError, RuntimeError):
     """Rendering a candidate failed (the trial should fail with this message)."""
 
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from optimizer.errors import EvomergeError
 from optimizer.render.pipelines import replace_components
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ _DIFFUSERS_KEY = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.(.+)$")
 _SHOW = 12  # keys listed per category in an error message
 
 
-class TAESDError(ValueError):
+class TAESDError(EvomergeError, ValueError):
     """A TAESD weight file is unreadable or does not match the AutoencoderTiny architecture."""
 
 
@@ -206,6 +207,9 @@ def _read(path: Path, part: Part) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise TAESDFileNotFoundError(f"TAESD {part} file not found: {path}")
+    from optimizer.checkpoint.safe_read import check_weight_file
+
+    check_weight_file(path, error=TAESDError)
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

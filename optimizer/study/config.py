@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from optimizer.config_errors import describe_validation_error, read_yaml_file
+from optimizer.errors import EvomergeError
 
 __all__ = [
     "BudgetConfig",
@@ -41,7 +42,7 @@ OBJECTIVE_NAMES = ("clip", "aesthetic", "fid", "kid")
 DEFAULT_DIRECTIONS = {"clip": "maximize", "aesthetic": "maximize", "fid": "minimize", "kid": "minimize"}
 
 
-class StudyConfigError(ValueError):
+class StudyConfigError(EvomergeError, ValueError):
     """A study file is missing, not YAML, or invalid (the message names the field)."""
 
 

@@ -33,6 +33,7 @@ import optuna
 import yaml
 
 from optimizer.atomic import write_text_atomic
+from optimizer.errors import EvomergeError
 from optimizer.merge import MergeRecipe
 from optimizer.merge_files import LoadedParents, load_parents, merge_to_file, write_merged
 from optimizer.study.config import StudyConfig
@@ -44,7 +45,7 @@ _DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 HELD_OUT_ATTR = "held_out"
 
 
-class ExportError(ValueError):
+class ExportError(EvomergeError, ValueError):
     """The trial cannot be exported (no such trial, not complete, parents changed, ...)."""
 
 
@@ -165,9 +166,14 @@ def export_trial(
     with the files named in the recipe document. An output ensemble is refused (not one checkpoint)."""
     if output_format not in FORMATS:
         raise ExportError(f"unknown format {output_format!r}; use {', '.join(FORMATS)}")
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise ExportError(f"{output} exists; pass --overwrite to replace it")
+    if config.technique == "output_ensemble" and output_format != "recipe":
+        raise ExportError(
+            f"an output ensemble mixes the parents' predictions at each sampler step: it is not a merge, so it has no "
+            f"{output_format} form; export --format recipe"
+        )
+    from optimizer.merge_files import check_merged_output
+
+    output = check_merged_output(output, output_format=output_format, overwrite=overwrite)
     if "recipe" not in trial.user_attrs:
         raise ExportError(f"trial {trial.number} has no recorded recipe")
     if parents is None:
@@ -185,10 +191,6 @@ def export_trial(
         lines += [f"{param}: {value}" for param, value in doc["mbw"].items()]
         return write_text_atomic(output, "\n".join(lines) + "\n")
     recipe = MergeRecipe.model_validate(doc["recipe"])
-    if config.technique == "output_ensemble":
-        raise ExportError(
-            "an output ensemble runs every parent at each sampler step: it is not one checkpoint; export --format recipe"
-        )
     config_dir = None
     if output_format == "diffusers":
         from optimizer.study.pipeline import render_config_dir

@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 
 from optimizer.checkpoint.types import CheckpointError
-from optimizer.render.pipelines import denoiser
+from optimizer.errors import EvomergeError
 from optimizer.merge import Merger
 from optimizer.merge_files import LoadedParents
+from optimizer.render.pipelines import denoiser
 
 __all__ = ["BindingError", "bound_pipeline", "denoiser", "parent_pipeline", "pipeline_class", "refreshed_tensors", "render_config_dir", "unet_config"]
 
 
-class BindingError(RuntimeError):
+class BindingError(EvomergeError, RuntimeError):
     """The pipeline's modules do not match the merged weights (wrong config folder?)."""
 
 
@@ -48,9 +49,8 @@ def render_config_dir(parents: LoadedParents, *, config_dir: str | os.PathLike[s
     zoo = Path(first.path).resolve().parent.parent
     if (zoo / "manifest.json").is_file() and (zoo / "config" / "model_index.json").is_file():
         return zoo / "config"
-    from optimizer.checkpoint.config_dir import diffusers_config_dir
-
     from optimizer.architectures.detect import shipped_config_name
+    from optimizer.checkpoint.config_dir import diffusers_config_dir
 
     return Path(diffusers_config_dir(shipped_config_name(parents.bank.layout, parents.bank.keys)))
 

@@ -34,32 +34,46 @@ from typing import Any
 import optuna
 import torch
 
-from objectives.base import Objective
+from objectives.base import Objective, ObjectiveError
 from objectives.combine import sign
+from optimizer.adapters.lbw import parse_lbw
+from optimizer.adapters.lora import load_loras
+from optimizer.errors import EvomergeError
 from optimizer.merge import Merger, MergeRecipe
-from optimizer.merge.errors import MergeError
 from optimizer.merge_files import load_parents
 from optimizer.render.grid import grid_png
 from optimizer.render.prompts import Split, load_prompt_set
-from optimizer.render.renderer import RenderError, Renderer
+from optimizer.render.renderer import Renderer
 from optimizer.study.config import StudyConfig, StudyConfigError
 from optimizer.study.liveness import settle_trials
 from optimizer.study.pipeline import bound_pipeline, denoiser, unet_config
-from optimizer.adapters.lbw import parse_lbw
-from optimizer.adapters.lora import load_loras
 from optimizer.study.samplers import make_pruner, make_sampler, process_seed
 from optimizer.study.space import BoundSpace, bind_space, suggest_recipe, warm_start_params
 from optimizer.study.storage import CONFIG_ATTR, StudyFolder, open_storage
 from optimizer.zoo.paths import clip_weights_or_zoo
 
-__all__ = ["StudyFailed", "StudyRunner", "create_or_load_study", "run_study"]
+__all__ = ["StudyFailed", "StudyInterrupted", "StudyRunner", "create_or_load_study", "run_study"]
 
-#: exceptions that fail one trial (recorded) instead of stopping the study
-TRIAL_ERRORS: tuple[type[BaseException], ...] = (RenderError, MergeError, ValueError, RuntimeError)
+#: exceptions that fail one trial (recorded) instead of stopping the study: our own errors (a
+#: merge that cannot be made, NaN images, a scorer that cannot score) and running out of memory.
+#: Anything else is a bug and stops the study with its traceback.
+TRIAL_ERRORS: tuple[type[BaseException], ...] = (EvomergeError, torch.OutOfMemoryError)
+
+#: the ``failure`` of a trial stopped by Ctrl-C (it is re-queued with the same parameters)
+INTERRUPTED = "interrupted (Ctrl-C / SIGINT); re-queued with the same parameters"
 
 
-class StudyFailed(RuntimeError):
+class StudyFailed(EvomergeError, RuntimeError):
     """Too many trials in a row failed: the set-up is broken."""
+
+
+class StudyInterrupted(EvomergeError):
+    """Ctrl-C stopped the study: the running trial is FAIL with its reason and re-queued; ``study``
+    is the Optuna study, so the caller can still write the report."""
+
+    def __init__(self, message: str, *, study: optuna.Study) -> None:
+        super().__init__(message)
+        self.study = study
 
 
 def default_dtype(config: StudyConfig) -> str | None:
@@ -148,11 +162,15 @@ class StudyRunner:
         self.directions = [o.resolved_direction for o in config.objectives]
         for objective, direction in zip(self.objectives, self.directions, strict=True):
             objective.direction = direction  # a study may flip a default direction
+        self.setup_seconds = time.perf_counter() - started
+
+    @property
+    def artifact_store(self):
+        """The study folder's artifact store (created on first use: building a runner writes nothing)."""
         from optuna.artifacts import FileSystemArtifactStore
 
-        folder.artifacts.mkdir(parents=True, exist_ok=True)
-        self.artifact_store = FileSystemArtifactStore(str(folder.artifacts))
-        self.setup_seconds = time.perf_counter() - started
+        self.folder.artifacts.mkdir(parents=True, exist_ok=True)
+        return FileSystemArtifactStore(str(self.folder.artifacts))
 
     # ------------------------------------------------------------------ scoring
     def _combine(self, values: Sequence[float]) -> float:
@@ -179,7 +197,7 @@ class StudyRunner:
             if prune and done < len(jobs):
                 try:
                     partial = self._combine([o.compute() for o in self.objectives])
-                except ValueError:
+                except ObjectiveError:
                     partial = None  # e.g. FID needs two images
                 if partial is not None:
                     trial.report(partial, step=done)
@@ -254,6 +272,10 @@ class StudyRunner:
         except TRIAL_ERRORS as exc:
             trial.set_user_attr("failure", f"{type(exc).__name__}: {exc}")
             raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("failure", INTERRUPTED)
+            requeue(trial)
+            raise
         names = [o.name for o in self.objectives]
         trial.set_user_attr("values", dict(zip(names, values, strict=True)))
         trial.set_user_attr(
@@ -322,6 +344,18 @@ class _TrialBudget:
             study.stop()
 
 
+def requeue(trial: optuna.Trial) -> None:
+    """Enqueue a copy of a running ``trial`` (same parameters, ``failed_trial`` pointing back),
+    as Optuna's heartbeat retry does for a trial whose process died."""
+    study = trial.study
+    frozen = study._storage.get_trial(trial._trial_id)  # noqa: SLF001 - the params drawn so far
+    retry = optuna.trial.create_trial(
+        state=optuna.trial.TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+        system_attrs={"failed_trial": frozen.number, "retry_history": [*frozen.system_attrs.get("retry_history", []), frozen.number]},
+    )
+    study._storage.create_new_trial(study._study_id, template_trial=retry)  # noqa: SLF001 - as RetryFailedTrialCallback does
+
+
 def create_or_load_study(config: StudyConfig, *, storage: optuna.storages.RDBStorage) -> tuple[optuna.Study, bool]:
     """The Optuna study of ``config`` (created with the config stored in it, or loaded); ``True`` if new.
 
@@ -373,9 +407,12 @@ def run_study(
 
     ``storage_url`` overrides the study file's storage (a worker joining a shared study); ``salt``
     makes a worker's sampler seed differ from every other process's (see ``process_seed``)."""
-    storage = open_storage(storage_url or folder.storage_url(config), heartbeat=config.heartbeat)
-    study, new = create_or_load_study(config, storage=storage)
-    runner = runner or StudyRunner(config, folder=folder)
+    runner = runner or StudyRunner(config, folder=folder)  # validates everything; creates nothing
+    url = storage_url or folder.storage_url(config)
+    with folder.creating():
+        storage = open_storage(url, heartbeat=config.heartbeat)
+        study, new = create_or_load_study(config, storage=storage)
+        folder.write_config(config if storage_url is None else config.model_copy(update={"storage": storage_url}))
     if not new or salt:
         # read the trials only now, after the heavy set-up (see process_seed)
         seed = process_seed(config.sampler, trials_so_far=len(study.get_trials(deepcopy=False)), salt=salt)
@@ -407,6 +444,11 @@ def run_study(
                 if bar.failures >= max_consecutive_failures or budget.trials is None:
                     break
             usage = settle_trials(study, storage=storage, grace=beat.grace)
+    except KeyboardInterrupt:
+        bar.bar.close()
+        stopped = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("failure") == INTERRUPTED]
+        which = f"trial {stopped[-1].number} failed and was re-queued" if stopped else "no trial was running"
+        raise StudyInterrupted(f"interrupted: {which}; `evomerge study resume {folder.root}` continues", study=study) from None
     finally:
         bar.bar.close()
     if bar.failures >= max_consecutive_failures:

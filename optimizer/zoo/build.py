@@ -29,6 +29,7 @@ import torch
 from optimizer.checkpoint.hashing import sha256_file
 from optimizer.checkpoint.keymap import diffusers_to_ldm
 from optimizer.checkpoint.save import save_safetensors
+from optimizer.errors import EvomergeError
 from optimizer.zoo import clip_model, models, oracle, paths, train
 from optimizer.zoo.quality import EvaluationSet, QualityMeter, evaluation_set
 
@@ -42,7 +43,7 @@ SCORER_STEPS = {"oracle": 400, "clip": 400}
 DERIVED = "diffusers"
 
 
-class ZooError(RuntimeError):
+class ZooError(EvomergeError, RuntimeError):
     """The zoo is missing, incomplete, or does not match its manifest."""
 
 
