@@ -86,6 +86,10 @@ def inspect(
 
 def _check_uniform_params(method, params: dict[str, str], *, n_parents: int) -> None:
     """Range-check the parameters given as one number before any parent is loaded."""
+    from optimizer.checkpoint.types import CheckpointError
+
+    if n_parents < 2:
+        raise CheckpointError("a merge needs at least two parent checkpoints")
     method.check_parents(n_parents)
     for name, text in params.items():
         try:
@@ -265,7 +269,9 @@ def _quiet_optuna() -> None:
 
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: Optuna logs each failed trial with its traceback at WARNING; the study prints one line
+    # per failed trial itself (the reason is in the trial's ``failure`` attribute and the report)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 

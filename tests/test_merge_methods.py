@@ -72,8 +72,13 @@ def test_parent_count_and_ranges_are_checked():
     ties.check_value("density", 1.0, block="IN03")
     with pytest.raises(MergeMethodError, match=r"'drop_rate' for block M00 must be in \[0, 1\)"):
         get_method("dare").check_value("drop_rate", 1.0, block="M00")
-    with pytest.raises(MergeMethodError, match=r"'alpha' for block BASE must be a finite number"):
-        get_method("weighted_sum").check_value("alpha", math.inf, block="BASE")
+    for bad in (math.inf, 1.01, -0.01, 5.0):  # an interpolation weight: 0 gives A, 1 gives B, nothing beyond
+        with pytest.raises(MergeMethodError, match=r"'alpha' for block BASE must be in \[0, 1\]"):
+            get_method("weighted_sum").check_value("alpha", bad, block="BASE")
+    for name in ("add_difference", "ties", "dare"):  # task-vector multipliers extrapolate on purpose, within reason
+        get_method(name).check_value("alpha", 1.5)
+        with pytest.raises(MergeMethodError, match=r"'alpha' must be in \[-3, 3\]"):
+            get_method(name).check_value("alpha", 5.0)
 
 
 # ---------------------------------------------------------------- identities

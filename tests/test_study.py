@@ -247,6 +247,18 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path: Path, monkey
     with pytest.raises(StudyFailed, match="5 trials in a row failed; the last: NonFiniteImages: all black"):
         run_study(config, folder=folder, runner=study_runner, progress=False)
 
+    # a bug (a bare ValueError, KeyError, ...) stops the study at once with its traceback: one
+    # failed trial, not five trials recorded as "failed" while the bug goes unseen
+    def buggy(jobs):
+        raise ValueError("a programming error")
+
+    monkeypatch.setattr(study_runner.renderer, "batches", buggy)
+    config = config.model_copy(update={"name": "buggy"})
+    with pytest.raises(ValueError, match="a programming error"):
+        run_study(config, folder=folder, runner=study_runner, progress=False)
+    buggy_study = optuna.load_study(study_name="buggy", storage=folder.storage_url(config))
+    assert [t.state.name for t in buggy_study.trials] == ["FAIL"]
+
 
 @needs_zoo
 def test_pareto_study_exports_the_best_trial_on_held_out_prompts(tmp_path: Path) -> None:
@@ -284,7 +296,7 @@ def test_a_rerun_with_a_changed_study_file_is_refused(tmp_path: Path) -> None:
     assert runner.invoke(app, ["study", "run", str(study_file), "--out", str(out), "--no-progress"]).exit_code == 0
     _write_study(tmp_path, budget={"trials": 1}, sampler={"name": "tpe"})
     result = runner.invoke(app, ["study", "run", str(study_file), "--out", str(out), "--no-progress"])
-    assert result.exit_code == 2 and "already exists" in result.output and "different study file" in result.output
+    assert result.exit_code == 2 and "holds study 'test-study'" in result.output and "different study file" in result.output
 
 
 def _states(db: Path) -> list[tuple[int, str]]:
@@ -339,6 +351,61 @@ def test_resume_after_kill_9_loses_no_completed_trial_and_retries_the_killed_one
     assert {k: retried[0].params[k] for k in by_number[killed[0]].params} == by_number[killed[0]].params
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 6
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    from optimizer.study.report import trials_table
+
+    note = trials_table(study).set_index("trial").loc[killed[0], "note"]
+    assert "process stopped" in note and f"retried as trial {retried[0].number}" in note
+
+
+def _run_until_a_trial_runs(cmd: list[str], *, db: Path, env: dict, complete: int = 2) -> subprocess.Popen:
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the study ended before it could be stopped: {process.stderr.read()[-2000:]}")
+        if db.is_file():
+            try:
+                states = _states(db)
+            except sqlite3.OperationalError:
+                states = []
+            if sum(s == "COMPLETE" for _, s in states) >= complete and any(s == "RUNNING" for _, s in states):
+                return process
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail("no running trial after two complete ones")
+
+
+@needs_zoo
+def test_ctrl_c_stops_cleanly_fails_and_requeues_the_running_trial_and_writes_the_report(tmp_path: Path) -> None:
+    study_file = _write_study(tmp_path, name="interrupted", budget={"trials": 5})
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "optimizer.cli", "study", "run", str(study_file), "--out", str(out), "--no-progress"]
+    process = _run_until_a_trial_runs(cmd, db=out / "study.db", env=env)
+    try:
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted: trial" in lines[0] and "study resume" in lines[0], lines
+    study = optuna.load_study(study_name="interrupted", storage=f"sqlite:///{out / 'study.db'}")
+    stopped = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(stopped) == 1 and "interrupted" in stopped[0].user_attrs["failure"]
+    queued = [t for t in study.trials if t.system_attrs.get("failed_trial") == stopped[0].number]
+    assert len(queued) == 1 and queued[0].state.name == "WAITING" and queued[0].params == stopped[0].params
+    report = (out / "report" / "trials.md").read_text()
+    assert "interrupted" in report and "study interrupted" in stdout
+    result = subprocess.run([sys.executable, "-m", "optimizer.cli", "study", "resume", str(out), "--no-progress"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="interrupted", storage=f"sqlite:///{out / 'study.db'}")
+    retried = next(t for t in study.trials if t.number == queued[0].number)
+    assert retried.state.name == "COMPLETE" and retried.params == stopped[0].params
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 5
 
 
 def test_resumed_and_joining_processes_do_not_replay_the_first_random_sequence() -> None:

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
+from optimizer.render.renderer import NonFiniteImages
 from optimizer.study.config import HeartbeatConfig, StudyConfigError, parse_study_config
 from optimizer.study.liveness import running_trials, settle_trials
 from optimizer.study.runner import StudyFailed, run_study
@@ -99,7 +100,7 @@ class _ScriptedRunner:
             self.started.set()
             assert self.hold_first.wait(120), "the test never released the held trial"
             if self.fail_first:
-                raise RuntimeError("scripted failure")
+                raise NonFiniteImages("scripted failure")  # an expected failure: fails the trial, not the study
         return 0.5
 
 

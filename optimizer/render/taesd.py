@@ -321,3 +321,24 @@ def swap_decoder(pipe: DiffusionPipeline, tiny: AutoencoderTiny) -> DiffusionPip
     if "vae" not in pipe.components:
         raise ValueError(f"{type(pipe).__name__} has no 'vae' component to swap")
     return replace_components(pipe, vae=tiny)
+
+
+#: the TAESD variant that decodes each architecture's latents
+TAESD_VARIANT_OF: dict[str, Variant] = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl"}
+
+
+def with_taesd_decoder(pipe: DiffusionPipeline, *, directory: str | os.PathLike[str], architecture: str) -> DiffusionPipeline:
+    """``pipe`` with its VAE decoder replaced by TAESD's (decoder-only, the UNet's dtype and device;
+    see :func:`swap_decoder`): the study file's ``render.decoder: taesd``. Refused with one line for
+    an architecture TAESD has no decoder for, or a VAE whose latents are not 4-channel."""
+    variant = TAESD_VARIANT_OF.get(architecture)
+    if variant is None:
+        raise TAESDError(f"render.decoder: taesd has decoders for {', '.join(TAESD_VARIANT_OF)}, not {architecture}; use decoder: vae")
+    channels = getattr(getattr(pipe, "vae", None), "config", {}).get("latent_channels", 4)
+    if channels != 4:
+        raise TAESDError(f"render.decoder: taesd decodes 4-channel latents; this model's VAE makes {channels}; use decoder: vae")
+    unet = pipe.unet
+    parameter = next(unet.parameters())
+    tiny = load_taesd(directory=directory, variant=variant, load_encoder=False, dtype=parameter.dtype, device=parameter.device)
+    return swap_decoder(pipe, tiny)
+

@@ -17,6 +17,7 @@ compute (``swap_halves``: the final AdaLayerNormContinuous of SD3 / Flux), which
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from pathlib import Path
 
@@ -100,7 +101,9 @@ def _skeleton(cls, folder: Path, *, modules: dict, dtype: torch.dtype):
     if "safety_checker" in cls._get_signature_keys(cls)[1] or "safety_checker" in cls._get_signature_keys(cls)[0]:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
-        return cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, **kwargs)
+        with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; >= 0.32 is supported
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many types for a folder that lacks a module
         missing = sorted(set(cls._get_signature_keys(cls)[0]) - set(modules))
         raise BindingError(

@@ -32,25 +32,41 @@ def trials_table(study: optuna.Study):
 
     rows: list[dict[str, Any]] = []
     multi = len(study.directions) > 1
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    retried_as = {t.system_attrs["failed_trial"]: t.number for t in trials if "failed_trial" in t.system_attrs}
+    pruned = optuna.trial.TrialState.PRUNED
+    for t in trials:
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name}
         if multi:
             names = study.metric_names or [f"value{i}" for i in range(len(study.directions))]
             for name, value in zip(names, t.values or [None] * len(names), strict=True):
                 row[name] = value
         else:
-            row["score"] = t.value
+            # a pruned trial's value is Optuna's copy of its last running score over part of the
+            # prompts: not comparable with the scores of complete trials, so it is not shown as one
+            row["score"] = None if t.state == pruned else t.value
             for name, value in t.user_attrs.get("values", {}).items():
                 row[name] = value
         for part, seconds in t.user_attrs.get("seconds", {}).items():
             row[f"{part}_s"] = seconds
         row.update(t.params)
-        reason = t.user_attrs.get("failure") or t.system_attrs.get("fail_reason")
-        if t.state == optuna.trial.TrialState.PRUNED:
-            reason = reason or f"pruned at {t.last_step} images"
-        row["note"] = reason or ""
+        row["note"] = _note(t, retried_as=retried_as.get(t.number))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _note(trial: optuna.trial.FrozenTrial, *, retried_as: int | None) -> str:
+    """Why a trial failed or was pruned, and which trial retried it."""
+    reason = trial.user_attrs.get("failure") or trial.system_attrs.get("fail_reason")
+    if trial.state == optuna.trial.TrialState.PRUNED:
+        reason = reason or f"pruned at {trial.last_step} images"
+        if trial.last_step is not None and trial.last_step in trial.intermediate_values:
+            reason += f" (running score {trial.intermediate_values[trial.last_step]:.4g} over those images)"
+    elif trial.state == optuna.trial.TrialState.FAIL and not reason:
+        reason = "its process stopped (killed or crashed): no heartbeat within the grace period" if retried_as is not None else "unknown"
+    if retried_as is not None and "re-queued" not in (reason or ""):
+        reason = f"{reason}; retried as trial {retried_as}"
+    return reason or ""
 
 
 def _save_figure(figure, path: Path) -> Path:

@@ -21,13 +21,17 @@ row fail (then it stops and says why: that is a broken set-up, not a bad recipe)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
+import sys
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +69,51 @@ INTERRUPTED = "interrupted (Ctrl-C / SIGINT); re-queued with the same parameters
 
 class StudyFailed(EvomergeError, RuntimeError):
     """Too many trials in a row failed: the set-up is broken."""
+
+
+class TrialInterrupted(EvomergeError):
+    """Ctrl-C arrived while a trial merged or rendered: the trial fails (re-queued) and the study stops."""
+
+
+class CtrlC:
+    """SIGINT during a study, handled where it is safe (installed by :func:`run_study` in the main thread).
+
+    Inside :meth:`interruptible` (a trial's merge and render) Ctrl-C raises ``KeyboardInterrupt``
+    at once, which the trial turns into :class:`TrialInterrupted`; anywhere else (Optuna writing
+    to its storage, the sampler) it only sets :attr:`requested`, and the study stops after the
+    current step. Either way nothing is left half-written in the storage."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._inside = False
+
+    def _handler(self, signum, frame) -> None:  # noqa: ANN001 - signal's signature
+        self.requested = True
+        if self._inside:
+            self._inside = False  # a second Ctrl-C while the trial cleans up only sets the flag
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        if self.requested:
+            raise KeyboardInterrupt
+        self._inside = True
+        try:
+            yield
+        finally:
+            self._inside = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[CtrlC]:
+        """Handle SIGINT as described while the block runs (only in the main thread; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 class StudyInterrupted(EvomergeError):
@@ -136,6 +185,11 @@ class StudyRunner:
             for unet in unets:
                 install_hypernetworks(unet, stack)
             self.hypernetworks = stack
+        if config.render.decoder == "taesd":
+            from optimizer.render.taesd import with_taesd_decoder
+
+            pipe = with_taesd_decoder(pipe, directory=config.render.taesd, architecture=layout.name)
+        self.decoder = type(pipe.vae).__name__
         self.prompt_set = load_prompt_set(config.prompts)
         self.recalibrator = None
         if config.recalibrate is not None:
@@ -162,6 +216,7 @@ class StudyRunner:
         self.directions = [o.resolved_direction for o in config.objectives]
         for objective, direction in zip(self.objectives, self.directions, strict=True):
             objective.direction = direction  # a study may flip a default direction
+        self.ctrl_c = CtrlC()
         self.setup_seconds = time.perf_counter() - started
 
     @property
@@ -265,16 +320,18 @@ class StudyRunner:
         trial.set_user_attr("recipe", recipe.model_dump(mode="json"))
         trial.set_user_attr("mbw", {p: recipe.to_mbw(layout=self.space.layout, param=p) for p in recipe.params})
         try:
-            prepared = self.prepare(recipe)
-            values, info = self._render_and_score("search", trial)
+            with self.ctrl_c.interruptible():
+                prepared = self.prepare(recipe)
+                values, info = self._render_and_score("search", trial)
         except optuna.TrialPruned:
             raise
-        except TRIAL_ERRORS as exc:
-            trial.set_user_attr("failure", f"{type(exc).__name__}: {exc}")
-            raise
         except KeyboardInterrupt:
+            self.ctrl_c.requested = True
             trial.set_user_attr("failure", INTERRUPTED)
             requeue(trial)
+            raise TrialInterrupted(INTERRUPTED) from None
+        except TRIAL_ERRORS as exc:
+            trial.set_user_attr("failure", f"{type(exc).__name__}: {exc}")
             raise
         names = [o.name for o in self.objectives]
         trial.set_user_attr("values", dict(zip(names, values, strict=True)))
@@ -313,12 +370,16 @@ class _Progress:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         state = trial.state
+        if trial.user_attrs.get("failure") == INTERRUPTED:
+            study.stop()
+            return
         if state == optuna.trial.TrialState.FAIL:
             self.failures += 1
             self.last_failure = trial.user_attrs.get("failure") or trial.system_attrs.get("fail_reason", "unknown")
             if self.failures >= self.max_failures:
                 study.stop()
             self.bar.set_postfix_str(f"trial {trial.number} failed: {str(self.last_failure)[:60]}")
+            self.bar.write(f"trial {trial.number} failed: {' '.join(str(self.last_failure).split())}", file=sys.stderr)
             return
         self.failures = 0
         self.bar.update(1)
@@ -426,31 +487,42 @@ def run_study(
     deadline = None if budget.seconds is None else time.monotonic() + budget.seconds
     usage = settle_trials(study, storage=storage, grace=beat.grace)
     bar = _Progress(total=budget.trials, initial=usage.finished, enabled=progress, max_consecutive_failures=max_consecutive_failures)
-    callbacks: list[Any] = [bar]
+    ctrl_c = getattr(runner, "ctrl_c", None) or CtrlC()  # a plain callable runner gets one too
+    ctrl_c.requested = False
+    callbacks: list[Any] = [bar, lambda study, trial: study.stop() if ctrl_c.requested else None]
     if budget.trials is not None:
         callbacks.append(_TrialBudget(trials=budget.trials, storage=storage, grace=beat.grace))
     try:
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            if budget.trials is not None and usage.finished >= budget.trials:
-                break
-            if budget.trials is not None and usage.used >= budget.trials:  # the rest is in other processes' hands
-                bar.bar.set_postfix_str(f"waiting for {usage.live} trial(s) of other processes")
-                time.sleep(min(beat.interval, left) if left is not None else beat.interval)
-            else:
-                study.optimize(runner, n_trials=None, timeout=left, catch=TRIAL_ERRORS, callbacks=callbacks, gc_after_trial=False)
-                if bar.failures >= max_consecutive_failures or budget.trials is None:
-                    break
-            usage = settle_trials(study, storage=storage, grace=beat.grace)
-    except KeyboardInterrupt:
-        bar.bar.close()
-        stopped = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("failure") == INTERRUPTED]
-        which = f"trial {stopped[-1].number} failed and was re-queued" if stopped else "no trial was running"
-        raise StudyInterrupted(f"interrupted: {which}; `evomerge study resume {folder.root}` continues", study=study) from None
+        with ctrl_c.installed():
+            _loop(study=study, runner=runner, ctrl_c=ctrl_c, storage=storage, config=config, bar=bar, callbacks=callbacks,
+                  deadline=deadline, usage=usage, max_consecutive_failures=max_consecutive_failures)
+    except KeyboardInterrupt:  # outside the main thread's handler (e.g. during the first settle)
+        ctrl_c.requested = True
     finally:
         bar.bar.close()
+    if ctrl_c.requested:
+        stopped = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("failure") == INTERRUPTED]
+        which = f"trial {stopped[-1].number} failed and was re-queued" if stopped else "no trial was running"
+        raise StudyInterrupted(f"interrupted: {which}; `evomerge study resume {folder.root}` continues", study=study)
     if bar.failures >= max_consecutive_failures:
         raise StudyFailed(f"{bar.failures} trials in a row failed; the last: {bar.last_failure}")
     return study
+
+
+def _loop(*, study, runner, ctrl_c, storage, config, bar, callbacks, deadline, usage, max_consecutive_failures) -> None:
+    """Run trials until the budget is spent, the deadline passes, too many fail or Ctrl-C."""
+    budget, beat = config.budget, config.heartbeat
+    while not ctrl_c.requested:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        if budget.trials is not None and usage.finished >= budget.trials:
+            break
+        if budget.trials is not None and usage.used >= budget.trials:  # the rest is in other processes' hands
+            bar.bar.set_postfix_str(f"waiting for {usage.live} trial(s) of other processes")
+            time.sleep(min(beat.interval, left) if left is not None else beat.interval)
+        else:
+            study.optimize(runner, n_trials=None, timeout=left, catch=TRIAL_ERRORS, callbacks=callbacks, gc_after_trial=False)
+            if bar.failures >= max_consecutive_failures or budget.trials is None:
+                break
+        usage = settle_trials(study, storage=storage, grace=beat.grace)
