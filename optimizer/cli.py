@@ -194,7 +194,7 @@ def merge(
         loras, strengths = _cli_loras(lora, parents=loaded, config=config)
         recipe = recipe.model_copy(update={"loras": strengths})
         written = merge_to_file(parents=loaded, recipe=recipe, output=output, output_format=output_format, config_dir=config,
-            overwrite=overwrite, loras=loras,
+            overwrite=overwrite, loras=loras, warn=lambda text: typer.secho(f"warning: {text}", err=True, fg=typer.colors.YELLOW),
         )
     except (CheckpointError, LayoutError, MergeError) as exc:
         raise _fail(str(exc)) from None
@@ -312,7 +312,8 @@ def _run(config, folder, *, storage: str | None = None, progress: bool = True, s
         torch.set_num_threads(threads)
     url = storage or folder.storage_url(config)
     try:
-        study = run_study(config, folder=folder, progress=progress, storage_url=storage, salt=salt)
+        study = run_study(config, folder=folder, progress=progress, storage_url=storage, salt=salt,
+                          notify=lambda text: typer.secho(f"note: {text}", err=True, fg=typer.colors.YELLOW))
     except StudyInterrupted as exc:
         _summary(exc.study, config, url)
         write_report(exc.study, folder=folder.report, architecture=_architecture(exc.study))

@@ -7,7 +7,7 @@ the device) -> :class:`Merger` (one in-place merge) -> atomic save with merge me
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,32 @@ def load_parents(
     return LoadedParents(checkpoints=light, bank=bank, notes=tuple(notes))
 
 
+def default_config_dir(parents: LoadedParents) -> Path:
+    """The diffusers config folder of merged weights when none is given: the first parent's own
+    folder (diffusers), or its zoo's ``config/`` (a zoo model in its zoo), else the shipped config
+    of the architecture."""
+    first = parents.checkpoints[0]
+    if first.source_format == "diffusers":
+        return Path(first.path)
+    zoo = Path(first.path).resolve().parent.parent
+    if (zoo / "manifest.json").is_file() and (zoo / "config" / "model_index.json").is_file():
+        return zoo / "config"
+    from optimizer.architectures.detect import shipped_config_name
+    from optimizer.checkpoint.config_dir import diffusers_config_dir
+
+    return Path(diffusers_config_dir(shipped_config_name(parents.bank.layout, parents.bank.keys)))
+
+
+def config_hint(parents: LoadedParents) -> str:
+    """What to do when the weights do not fit the default config folder (a non-standard model)."""
+    for checkpoint in parents.checkpoints:
+        zoo_name = checkpoint.metadata.get("evomerge_zoo_model")
+        if zoo_name:
+            return (f"{checkpoint.path} is the zoo model {zoo_name!r} outside its zoo folder: give its zoo's config/ "
+                    "folder as config_dir (study file) or --config")
+    return "a model of non-standard size needs its own diffusers config folder: give it as config_dir (study file) or --config"
+
+
 def check_merged_output(output: str | os.PathLike[str], *, output_format: str, overwrite: bool) -> Path:
     """``output`` if merged weights in ``output_format`` can be written there (see
     :func:`optimizer.atomic.check_output`: a diffusers folder replaces only a diffusers folder)."""
@@ -154,6 +180,12 @@ def check_merged_output(output: str | os.PathLike[str], *, output_format: str, o
                         what="diffusers folder" if folder else "checkpoint")
 
 
+def equal_parents(merger: Merger) -> list[int]:
+    """Indices of the parents whose weights (every merged tensor) equal ``merger``'s output exactly."""
+    out = merger.output
+    return [i for i, buf in enumerate(merger.bank.buffers) if torch.equal(out, buf.to(out.device))]
+
+
 def merge_to_file(
     *,
     parents: LoadedParents,
@@ -163,8 +195,11 @@ def merge_to_file(
     config_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     loras: Sequence[Any] = (),
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Merge once in memory and write the result atomically (safetensors or a diffusers folder).
+
+    ``warn`` is told when the merged weights equal a parent's exactly (a merge that changed nothing).
 
     ``loras``: :class:`~optimizer.adapters.lora.Lora` objects the recipe's ``loras`` strengths name,
     added in place after the merge (baked into the output).
@@ -175,6 +210,10 @@ def merge_to_file(
     output = check_merged_output(output, output_format=output_format, overwrite=overwrite)
     merger = Merger(parents.bank, loras=loras)
     merger.merge(recipe)
+    same = equal_parents(merger)
+    if same and warn is not None:
+        names = ", ".join(f"parent {i} ({parents.checkpoints[i].path.name})" for i in same)
+        warn(f"the merged weights equal {names}: this recipe changes nothing (check alpha / the per-block weights)")
     return write_merged(
         state_dict=merger.state_dict(), parents=parents, recipe=recipe, output=output, output_format=output_format,
         config_dir=config_dir, overwrite=overwrite,
@@ -208,19 +247,18 @@ def write_merged(
         bare = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         return save_safetensors(state_dict=bare, path=output, metadata=metadata)
     if output_format == "diffusers":
-        from optimizer.checkpoint.config_dir import diffusers_config_dir
         from optimizer.checkpoint.diffusers_folder import write_diffusers_folder
 
         layout = parents.bank.layout
-        first = parents.checkpoints[0]
-        if config_dir is None:
-            from optimizer.architectures.detect import shipped_config_name
-
-            shipped = shipped_config_name(layout, parents.bank.keys)
-            config_dir = first.path if first.source_format == "diffusers" else diffusers_config_dir(shipped)
-        write_diffusers_folder(
-            state_dict=state_dict, architecture=layout.name, path=output, config_dir=config_dir, overwrite=overwrite,
-            prediction_type=parents.prediction_type,
-        )
+        given = config_dir is not None
+        try:
+            write_diffusers_folder(
+                state_dict=state_dict, architecture=layout.name, path=output, config_dir=config_dir or default_config_dir(parents),
+                overwrite=overwrite, prediction_type=parents.prediction_type,
+            )
+        except CheckpointError as exc:
+            if given or "expects" not in str(exc):
+                raise
+            raise CheckpointError(f"{exc}; {config_hint(parents)}") from None
         return output
     raise CheckpointError(f"unknown output format {output_format!r}; use safetensors, bare or diffusers")

@@ -502,3 +502,88 @@ def test_export_onto_a_read_only_or_full_disk(done_study: dict, mounts: dict, wh
 def test_study_run_into_a_read_only_folder(done_study: dict, mounts: dict) -> None:
     target = mounts["ro"] / "study"
     refuse(["study", "run", done_study["file"], "--out", target, "--no-progress"], absent=(target,), match=r"read-only")
+
+
+# ------------------------------------------------------------------ left behind, moved, shared
+@needs_zoo
+def test_a_zoo_model_moved_out_of_its_zoo_says_which_config_to_give(tmp_path: Path) -> None:
+    moved = [shutil.copy(paths.model_file(ZOO, n), tmp_path / f"{n}.safetensors") for n in ("shape", "colour")]
+    target = tmp_path / "merged"
+    line = refuse(["merge", *moved, "--alpha", "0.5", "--format", "diffusers", "-o", target], absent=(target,), watch=(tmp_path,))
+    assert "zoo model 'shape' outside its zoo folder" in line and "--config" in line
+    study = _study_file(tmp_path, parents=[str(p) for p in moved])
+    line = refuse(["study", "run", study, "--out", tmp_path / "run", "--no-progress"], absent=(tmp_path / "run",))
+    assert "zoo model 'shape' outside its zoo folder" in line
+    result = runner.invoke(app, ["merge", *map(str, moved), "--alpha", "0.5", "--format", "diffusers", "--config", str(ZOO / "config"),
+                                 "-o", str(target)])
+    assert result.exit_code == 0, result.output
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed_by_the_next_write(ws: Workspace, tmp_path: Path) -> None:
+    """kill -9 during a write leaves ``.<name>.evomerge-<host>-<pid>-*.tmp``; the next write of the
+    same target removes those whose process is gone, and nothing else (not a live writer's)."""
+    from optimizer.atomic import _HOST
+
+    target = tmp_path / "out.safetensors"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_file = tmp_path / f".out.safetensors.evomerge-{_HOST}-{dead.pid}-abc.tmp"
+    stale_file.write_bytes(b"half a checkpoint")
+    stale_folder = tmp_path / f".out.safetensors.evomerge-{_HOST}-{dead.pid}-def.tmp"
+    stale_folder.mkdir()
+    (stale_folder / "unet").mkdir()
+    live = tmp_path / f".out.safetensors.evomerge-{_HOST}-{os.getppid()}-ghi.tmp"  # a running process's: kept
+    live.write_bytes(b"being written")
+    other = tmp_path / ".out.safetensors.someone-else.tmp"  # not our naming: kept
+    other.write_bytes(b"theirs")
+    result = runner.invoke(app, ["merge", str(ws.p0), str(ws.p1), "--alpha", "0.3", "-o", str(target)])
+    assert result.exit_code == 0, result.output
+    assert target.is_file() and not stale_file.exists() and not stale_folder.exists()
+    assert live.read_bytes() == b"being written" and other.read_bytes() == b"theirs"
+
+
+def test_outputs_get_the_umask_permissions_not_private_ones(ws: Workspace, tmp_path: Path) -> None:
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        folder = tmp_path / "diffusers"
+        result = runner.invoke(app, ["merge", str(ws.p0), str(ws.p1), "--alpha", "0.3", "--format", "diffusers", "--config", str(ws.config),
+                                     "-o", str(folder)])
+        assert result.exit_code == 0, result.output
+        file = tmp_path / "single.safetensors"
+        assert runner.invoke(app, ["merge", str(ws.p0), str(ws.p1), "--alpha", "0.3", "-o", str(file)]).exit_code == 0
+    finally:
+        os.umask(old)
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*"), file]}
+    assert all(mode == (0o755 if p.is_dir() else 0o644) for p, mode in modes.items()), {str(p): oct(m) for p, m in modes.items()}
+
+
+@needs_zoo
+def test_two_study_runs_starting_together_on_a_new_folder_share_one_study(tmp_path: Path) -> None:
+    study_file = _study_file(tmp_path, name="together", budget={"trials": 2})
+    out = tmp_path / "run"
+    cmd = [*evomerge_command(), "study", "run", str(study_file), "--out", str(out), "--no-progress"]
+    processes = [subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in processes]
+    for process, (stdout, stderr) in zip(processes, results, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+        assert "Traceback" not in stderr and "already exists" not in stderr
+    import optuna
+
+    study = optuna.load_study(study_name="together", storage=f"sqlite:///{out / 'study.db'}")
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) >= 2
+
+
+@needs_zoo
+def test_a_worker_reports_the_storage_it_joined_and_an_export_that_works(done_study: dict, tmp_path: Path) -> None:
+    url = f"sqlite:///{done_study['out'] / 'study.db'}"
+    worker_folder = tmp_path / "worker"
+    result = runner.invoke(app, ["worker", "--storage", url, "--study", "faults", "--out", str(worker_folder)])
+    assert result.exit_code == 0, result.output
+    assert f"(storage {url})" in result.stdout
+    hint = next(line for line in result.stdout.splitlines() if line.startswith("export: "))
+    assert str(worker_folder) in hint
+    mbw = tmp_path / "best.txt"
+    result = runner.invoke(app, ["export", str(worker_folder), "--format", "mbw", "-o", str(mbw)])
+    assert result.exit_code == 0 and "alpha" in mbw.read_text(), result.output

@@ -112,6 +112,13 @@ class ParentBank:
     def n_parents(self) -> int:
         return len(self.buffers)
 
+    def equal_segments(self) -> list[str]:
+        """Names of the blocks and components whose tensors are identical in every parent
+        (exact equality; such a segment merges to itself whatever the recipe)."""
+        first = self.buffers[0]
+        return [name for name, seg in self.segments.items()
+                if all(torch.equal(seg.view(first), seg.view(other)) for other in self.buffers[1:])]
+
     @classmethod
     def build(
         cls,

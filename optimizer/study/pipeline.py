@@ -44,16 +44,9 @@ def render_config_dir(parents: LoadedParents, *, config_dir: str | os.PathLike[s
         if not (path / "model_index.json").is_file():
             raise BindingError(f"config_dir {path} is not a diffusers config folder (no model_index.json)")
         return path
-    first = parents.checkpoints[0]
-    if first.source_format == "diffusers":
-        return Path(first.path)
-    zoo = Path(first.path).resolve().parent.parent
-    if (zoo / "manifest.json").is_file() and (zoo / "config" / "model_index.json").is_file():
-        return zoo / "config"
-    from optimizer.architectures.detect import shipped_config_name
-    from optimizer.checkpoint.config_dir import diffusers_config_dir
+    from optimizer.merge_files import default_config_dir
 
-    return Path(diffusers_config_dir(shipped_config_name(parents.bank.layout, parents.bank.keys)))
+    return default_config_dir(parents)
 
 
 _REFRESHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -125,7 +118,10 @@ def _bind(*, views, buffer: torch.Tensor, parents: LoadedParents, config_dir, me
     try:
         converted = to_diffusers(state_dict=views, layout=layout, config_dir=folder)
     except CheckpointError as exc:
-        raise BindingError(f"the merged weights do not fit the configs in {folder}: {exc}") from exc
+        from optimizer.merge_files import config_hint
+
+        hint = "" if config_dir is not None else f"; {config_hint(parents)}"
+        raise BindingError(f"the merged weights do not fit the configs in {folder}: {exc}{hint}") from exc
     modules = empty_modules(layout=layout, config_dir=folder, names=list(converted.modules))
     low = buffer.data_ptr()
     high = low + buffer.numel() * buffer.element_size()

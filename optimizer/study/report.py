@@ -66,6 +66,9 @@ def _note(trial: optuna.trial.FrozenTrial, *, retried_as: int | None) -> str:
         reason = "its process stopped (killed or crashed): no heartbeat within the grace period" if retried_as is not None else "unknown"
     if retried_as is not None and "re-queued" not in (reason or ""):
         reason = f"{reason}; retried as trial {retried_as}"
+    warning = trial.user_attrs.get("warning")
+    if warning:
+        reason = f"{reason}; {warning}" if reason else warning
     return reason or ""
 
 

@@ -22,6 +22,7 @@ row fail (then it stops and says why: that is a broken set-up, not a bad recipe)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from optimizer.study.config import StudyConfig, StudyConfigError
 from optimizer.study.liveness import settle_trials
 from optimizer.study.pipeline import bound_pipeline, denoiser, unet_config
 from optimizer.study.samplers import make_pruner, make_sampler, process_seed
-from optimizer.study.space import BoundSpace, bind_space, suggest_recipe, warm_start_params
+from optimizer.study.space import BoundSpace, bind_space, inert_dimensions, pin_dimensions, suggest_recipe, warm_start_params
 from optimizer.study.storage import CONFIG_ATTR, StudyFolder, open_storage
 from optimizer.zoo.paths import clip_weights_or_zoo
 
@@ -159,6 +160,8 @@ class StudyRunner:
             loras=[(c.resolved_name, c.strength, l.blocks, f) for c, l, f in zip(config.loras, self.loras, lbw, strict=True)],
             hypernetworks=[(h.resolved_name, h.strength) for h in config.hypernetworks],
         )
+        self.notes: list[str] = []  # what the set-up found and the user should know (printed by the CLI)
+        self._pin_inert_dimensions(config)
         self.merger: Merger | None = None
         self.ensemble = None
         if config.technique == "output_ensemble":
@@ -217,7 +220,37 @@ class StudyRunner:
         for objective, direction in zip(self.objectives, self.directions, strict=True):
             objective.direction = direction  # a study may flip a default direction
         self.ctrl_c = CtrlC()
+        self.on_note: Callable[[str], None] | None = None  # told about flagged trials (the CLI prints them)
+        self._last_images: tuple[int, str, str] | None = None
         self.setup_seconds = time.perf_counter() - started
+
+    def _pin_inert_dimensions(self, config: StudyConfig) -> None:
+        """Take out of the search what cannot change the weights, and say so (a study of identical
+        parents, or of a block equal in all of them, would search nothing and report noise)."""
+        bank = self.parents.bank
+        equal = [b for b in bank.equal_segments() if b in self.space.layout.blocks]
+        inert = inert_dimensions(self.space, equal_blocks=equal) if config.technique != "output_ensemble" else {}
+        if equal and len(equal) == len(self.space.layout.blocks) and config.technique != "output_ensemble":
+            inert = {d.name: "the parents are identical" for d in self.space.dimensions if not d.name.startswith(("lora.", "hypernetwork."))}
+        for name, reason in inert.items():
+            self.notes.append(f"{name} is not searched: {reason}, so its value cannot change the weights")
+        for lora in self.loras:
+            if not lora.blocks:
+                self.notes.append(f"LoRA {lora.name!r} touches no block of the model: its strength is not searched")
+        self.space = pin_dimensions(self.space, list(inert))
+        if not self.space.dimensions:
+            raise StudyConfigError("search_space: nothing left to search: " + "; ".join(self.notes))
+
+    def _flag_unchanged_images(self, trial: optuna.Trial, *, recipe: MergeRecipe, digest: str) -> None:
+        """Flag a trial whose images are bit for bit the previous trial's while its recipe differs:
+        the recipe's differences did not reach the renderer (user attribute ``warning``)."""
+        key = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
+        last, self._last_images = self._last_images, (trial.number, digest, key)
+        if last is not None and last[1] == digest and last[2] != key:
+            text = f"trial {trial.number}: images identical to trial {last[0]}'s although the recipe differs"
+            trial.set_user_attr("warning", text)
+            if self.on_note is not None:
+                self.on_note(text)
 
     @property
     def artifact_store(self):
@@ -236,6 +269,7 @@ class StudyRunner:
         for objective in self.objectives:
             objective.reset()
         render_s = score_s = 0.0
+        digest = hashlib.sha256()
         grid_images: list[torch.Tensor] = []
         want = self.config.render.grid_images
         prune = trial is not None and self.config.mode == "weighted" and self.config.pruner.name != "none"
@@ -243,6 +277,7 @@ class StudyRunner:
         for batch in self.renderer.batches(jobs):
             render_s += batch.seconds
             started = time.perf_counter()
+            digest.update(batch.images.detach().float().cpu().numpy().tobytes())
             prompts = [j.prompt for j in batch.jobs]
             for objective in self.objectives:
                 objective.update(batch.images, prompts=prompts)
@@ -265,7 +300,7 @@ class StudyRunner:
         values = [o.compute() for o in self.objectives]
         score_s += time.perf_counter() - started
         info = {"render": render_s, "score": score_s, "images": len(jobs), "grid": torch.cat(grid_images) if grid_images else None,
-                "prompts": [j.prompt for j in jobs[: want]]}
+                "prompts": [j.prompt for j in jobs[: want]], "digest": digest.hexdigest()}
         return values, info
 
     def _upload_grid(self, trial: optuna.Trial, images: torch.Tensor, prompts: list[str]) -> None:
@@ -340,6 +375,7 @@ class StudyRunner:
         )
         trial.set_user_attr("images", info["images"])
         trial.set_user_attr("worker", self.worker)
+        self._flag_unchanged_images(trial, recipe=recipe, digest=info["digest"])
         if info["grid"] is not None:
             self._upload_grid(trial, info["grid"], info["prompts"])
         if self.config.mode == "pareto":
@@ -456,6 +492,7 @@ def run_study(
     runner: StudyRunner | None = None,
     storage_url: str | None = None,
     salt: int = 0,
+    notify: Callable[[str], None] | None = None,
 ) -> optuna.Study:
     """Create or resume the study and run trials until the budget is spent (see the module docstring).
 
@@ -467,8 +504,14 @@ def run_study(
     start one. ``budget.seconds`` bounds this process's wall time, waiting included.
 
     ``storage_url`` overrides the study file's storage (a worker joining a shared study); ``salt``
-    makes a worker's sampler seed differ from every other process's (see ``process_seed``)."""
+    makes a worker's sampler seed differ from every other process's (see ``process_seed``).
+    ``notify`` is told the set-up's notes (dimensions pinned because they cannot change the
+    weights) and each flagged trial (images unchanged although the recipe changed)."""
     runner = runner or StudyRunner(config, folder=folder)  # validates everything; creates nothing
+    if notify is not None and isinstance(runner, StudyRunner):
+        runner.on_note = notify
+        for note in runner.notes:
+            notify(note)
     url = storage_url or folder.storage_url(config)
     with folder.creating():
         storage = open_storage(url, heartbeat=config.heartbeat)

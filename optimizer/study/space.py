@@ -22,7 +22,7 @@ from optimizer.architectures.mbw import parse_mbw
 from optimizer.merge import MergeRecipe, get_method
 from optimizer.study.config import ParamSpace, StudyConfigError, WarmStart
 
-__all__ = ["BoundSpace", "Dimension", "bind_space", "suggest_recipe", "warm_start_params"]
+__all__ = ["BoundSpace", "Dimension", "bind_space", "inert_dimensions", "pin_dimensions", "suggest_recipe", "warm_start_params"]
 
 LORA_PREFIX = "lora."
 HYPERNETWORK_PREFIX = "hypernetwork."
@@ -171,6 +171,37 @@ def bind_space(
         dimensions=tuple(dimensions), constants={k: dict(v) for k, v in constants.items()},
         lora_factors=lora_factors, hypernetworks=tuple(name for name, _ in hypernetworks),
     )
+
+
+def inert_dimensions(space: BoundSpace, *, equal_blocks: Sequence[str]) -> dict[str, str]:
+    """``{dimension name: reason}`` for the merge dimensions that cannot change the weights: every
+    block they set is equal in all parents (then every method gives that block back unchanged:
+    weights summing to one, task vectors of zero, SLERP between equal vectors)."""
+    equal = set(equal_blocks)
+    return {
+        d.name: f"block(s) {', '.join(d.blocks)} are identical in every parent"
+        for d in space.dimensions
+        if not d.name.startswith((LORA_PREFIX, HYPERNETWORK_PREFIX)) and d.blocks and set(d.blocks) <= equal
+    }
+
+
+def pin_dimensions(space: BoundSpace, names: Sequence[str]) -> BoundSpace:
+    """``space`` with the dimensions ``names`` taken out of the search and held at a constant (the
+    method's default where it is in the range, else the low end): for dimensions whose value does
+    not matter (:func:`inert_dimensions`), so the sampler spends no trials on them."""
+    pinned = set(names)
+    if not pinned:
+        return space
+    defaults = get_method(space.method).params
+    constants = {p: dict(v) for p, v in space.constants.items()}
+    for d in space.dimensions:
+        if d.name in pinned:
+            value = defaults.get(d.param, d.low)
+            value = value if d.low <= value <= d.high else d.low
+            constants.setdefault(d.param, {}).update(dict.fromkeys(d.blocks, float(value)))
+    kept = tuple(d for d in space.dimensions if d.name not in pinned)
+    return BoundSpace(layout=space.layout, method=space.method, n_parents=space.n_parents, seed=space.seed, merge_vae=space.merge_vae,
+                      dimensions=kept, constants=constants, lora_factors=space.lora_factors, hypernetworks=space.hypernetworks)
 
 
 def suggest_recipe(trial, space: BoundSpace) -> MergeRecipe:
