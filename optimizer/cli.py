@@ -323,9 +323,15 @@ def _run(config, folder, *, storage: str | None = None, progress: bool = True, s
     written = write_report(study, folder=folder.report, architecture=_architecture(study))
     typer.echo(f"report: {written.get('markdown')} (+ {', '.join(p.name for k, p in written.items() if k != 'markdown')})")
     typer.echo(f"dashboard: evomerge dashboard {folder.root}   (optuna-dashboard on http://127.0.0.1:8080)")
-    fmt = "recipe" if config.technique == "output_ensemble" else "safetensors"
-    suffix = "yaml" if fmt == "recipe" else "safetensors"
-    typer.echo(f"export: evomerge export {folder.root} --format {fmt} -o best.{suffix}")
+    typer.echo(export_hint(config, folder.root))
+
+
+def export_hint(config, root: Path) -> str:
+    """The end-of-study export command: a merged checkpoint, or for an output ensemble (which is
+    not one checkpoint) its recipe."""
+    if config.technique == "output_ensemble":
+        return f"export: evomerge export {root} --format recipe -o best.yaml   (an output ensemble is not one checkpoint)"
+    return f"export: evomerge export {root} --format safetensors -o best.safetensors"
 
 
 def _architecture(study) -> str:

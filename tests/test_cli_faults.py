@@ -252,6 +252,16 @@ def test_special_files_are_refused_without_reading_them(ws: Workspace, name: str
     assert not ws.path(f"{name}.safetensors").exists()
 
 
+def test_a_refused_postgresql_connection_says_so() -> None:
+    """Not "Failed to import DB access module": the URL is read with the installed driver, and the
+    driver's own reason is the line; the password is not printed."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again below: nothing listens there
+    line = refuse(["worker", "--storage", f"postgresql://me:secret@127.0.0.1:{port}/db", "--study", "x"], match=r"(?i)connection refused")
+    assert "import" not in line and "secret" not in line
+
+
 # ---------------------------------------------------------------------------------------- score
 SCORE_CASES: dict[str, tuple[Case, str]] = {
     "text named .png": (lambda w: {"args": ["score", "--images", w.files["fake_png"], "--objective", "fid", "--reference", w.files["fake_png"]]},

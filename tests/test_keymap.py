@@ -22,6 +22,7 @@ from optimizer.checkpoint.keymap import (
     load_component_configs,
 )
 from optimizer.checkpoint.types import CheckpointError
+from optimizer.errors import EvomergeError
 from optimizer.tiny_models import (
     CONFIG_NAME,
     component_state_dicts,
@@ -415,7 +416,7 @@ def test_write_diffusers_folder_leaves_nothing_behind_on_error(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
     # an existing folder is kept unless overwrite=True, and survives a failed overwrite
     out = write_diffusers_folder(state_dict=ldm, architecture="sd1", path=tmp_path / "out", config_dir=config_dir)
-    with pytest.raises(CheckpointError, match="already exists"):
+    with pytest.raises(EvomergeError, match="already exists"):
         write_diffusers_folder(state_dict=ldm, architecture="sd1", path=out, config_dir=config_dir)
     with pytest.raises(CheckpointError):
         write_diffusers_folder(state_dict=broken, architecture="sd1", path=out, config_dir=config_dir, overwrite=True)

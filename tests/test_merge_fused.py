@@ -44,8 +44,8 @@ def _recipe(method: str, n: int, merge_vae: bool, seed: int) -> MergeRecipe:
 
     rng = random.Random(seed)
     params = {}
-    for p in get_method(method).param_names(n):
-        params[p] = {b: rng.uniform(-0.2, 0.6) if method == "weighted_sum" and n > 2 else rng.uniform(0.0, 1.0) for b in LAYOUT.blocks}
+    for p in get_method(method).param_names(n):  # n > 2: the weights may sum past 1 (A's coefficient below 0)
+        params[p] = {b: rng.uniform(0.0, 0.45) if method == "weighted_sum" and n > 2 else rng.uniform(0.0, 1.0) for b in LAYOUT.blocks}
     return MergeRecipe(method=method, params=params, seed=seed, merge_vae=merge_vae)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from objectives.base import Objective
+from objectives.base import Objective, ObjectiveError
 from objectives.clip_score import CLIPScoreObjective, clip_score
 from optimizer.zoo import domain, paths
 
@@ -39,7 +39,7 @@ def test_matching_captions_beat_shuffled_ones_for_nearly_every_image() -> None:
 def test_bad_names_files_and_inputs_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown open_clip model 'no-such-clip'"):
         CLIPScoreObjective.from_pretrained("no-such-clip")
-    with pytest.raises(FileNotFoundError, match="no CLIP weights file"):
+    with pytest.raises(ObjectiveError, match="no CLIP weights file"):
         CLIPScoreObjective.from_pretrained("evomerge-digits-clip", pretrained=tmp_path / "missing.safetensors")
     objective = CLIPScoreObjective.from_pretrained("evomerge-digits-clip")  # random init: only the contract
     with pytest.raises(ValueError, match="no images scored"):

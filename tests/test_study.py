@@ -299,6 +299,41 @@ def test_a_rerun_with_a_changed_study_file_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "holds study 'test-study'" in result.output and "different study file" in result.output
 
 
+def test_the_trials_table_shows_no_partial_score_as_a_score() -> None:
+    """A pruned trial's value is Optuna's copy of its running score over part of the prompts: the
+    table leaves its score empty and says where it was pruned and at what running score."""
+    from optuna.distributions import FloatDistribution
+
+    from optimizer.study.report import trials_table
+
+    study = optuna.create_study(direction="maximize")
+    dist = {"alpha": FloatDistribution(0, 1)}
+    study.add_trial(optuna.trial.create_trial(params={"alpha": 0.2}, distributions=dist, value=0.5, user_attrs={"values": {"clip": 0.5}}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"alpha": 0.9}, distributions=dist,
+                                              intermediate_values={3: 0.91}))
+    table = trials_table(study).set_index("trial")
+    assert table.loc[0, "score"] == 0.5 and (table.loc[1, "score"] is None or table.loc[1, "score"] != table.loc[1, "score"])
+    assert table.loc[1, "note"] == "pruned at 3 images (running score 0.91 over those images)"
+
+
+def test_a_study_stored_by_an_earlier_version_still_resumes(tmp_path: Path) -> None:
+    """Fields added to the study file since a study was created take their defaults when the
+    stored file is compared: the study is not "a different study file"."""
+    import json
+
+    from optimizer.study.runner import create_or_load_study
+    from optimizer.study.storage import CONFIG_ATTR, open_storage
+
+    config = parse_study_config(_study_data(tmp_path), source="test", base=tmp_path)
+    storage = open_storage(f"sqlite:///{tmp_path / 'old.db'}", heartbeat=config.heartbeat)
+    study, new = create_or_load_study(config, storage=storage)
+    older = config.model_dump(mode="json")
+    del older["allow_nonfinite"]  # what a study made before the field existed stored
+    study.set_user_attr(CONFIG_ATTR, json.dumps(older, sort_keys=True))
+    again, new = create_or_load_study(config, storage=storage)
+    assert not new and again.study_name == config.name
+
+
 def _states(db: Path) -> list[tuple[int, str]]:
     with sqlite3.connect(db) as con:
         return con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
@@ -390,7 +425,7 @@ def test_ctrl_c_stops_cleanly_fails_and_requeues_the_running_trial_and_writes_th
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("note: ")]  # set-up notes aside
     assert len(lines) == 1 and "interrupted: trial" in lines[0] and "study resume" in lines[0], lines
     study = optuna.load_study(study_name="interrupted", storage=f"sqlite:///{out / 'study.db'}")
     stopped = [t for t in study.trials if t.state.name == "FAIL"]

@@ -136,6 +136,10 @@ def test_output_ensemble_with_weight_zero_renders_the_first_parent_and_is_not_ex
         with pytest.raises(ExportError, match="output ensemble.*not a merge.*--format recipe"):
             export_trial(study=study, config=config, trial=study.best_trial, output_format=fmt, output=tmp_path / "x.out", parents=runner.parents)
     assert not (tmp_path / "x.out").exists()
+    from optimizer.cli import export_hint
+
+    hint = export_hint(config, folder.root)
+    assert "--format recipe" in hint and "safetensors" not in hint  # the hint names an export that works
     doc = tmp_path / "ensemble.yaml"
     export_trial(study=study, config=config, trial=study.best_trial, output_format="recipe", output=doc, parents=runner.parents)
     assert "technique: output_ensemble" in doc.read_text()

@@ -288,6 +288,7 @@ class StudyConfig(_Strict):
     device: str = "auto"
     #: where the parents live: on the device, or in host memory streamed per merge (big parents: Flux)
     placement: Literal["device", "host"] = "device"
+    allow_nonfinite: bool = False  # merge parents holding NaN/Inf values (refused by default, naming the keys)
     config_dir: str | None = None  # diffusers config folder for rendering (default: found or shipped)
     search_space: dict[str, ParamSpace] = Field(default_factory=dict)
     technique: Literal["merge", "output_ensemble"] = "merge"

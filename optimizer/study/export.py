@@ -179,7 +179,8 @@ def export_trial(
     if parents is None:
         from optimizer.study.runner import default_dtype
 
-        parents = load_parents(paths=config.parents, device=config.device, dtype=default_dtype(config), placement=config.placement)
+        parents = load_parents(paths=config.parents, device=config.device, dtype=default_dtype(config), placement=config.placement,
+                               allow_nonfinite=config.allow_nonfinite)
     doc = recipe_document(study=study, trial=trial, parents=parents, config=config)
     for i, (path, listed) in enumerate(zip(config.parents, doc["parents"], strict=True)):
         if Path(path).resolve() != Path(listed["path"]).resolve():

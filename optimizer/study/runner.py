@@ -144,7 +144,8 @@ class StudyRunner:
         self.config = config
         self.folder = folder
         started = time.perf_counter()
-        self.parents = load_parents(paths=config.parents, dtype=default_dtype(config), device=config.device, placement=config.placement)
+        self.parents = load_parents(paths=config.parents, dtype=default_dtype(config), device=config.device, placement=config.placement,
+                                    allow_nonfinite=config.allow_nonfinite)
         layout = self.parents.bank.layout
         if config.architecture not in ("auto", layout.name):
             raise StudyConfigError(f"architecture: the study says {config.architecture}, the parents are {layout.name}")
@@ -226,7 +227,9 @@ class StudyRunner:
 
     def _pin_inert_dimensions(self, config: StudyConfig) -> None:
         """Take out of the search what cannot change the weights, and say so (a study of identical
-        parents, or of a block equal in all of them, would search nothing and report noise)."""
+        parents, or of a block equal in all of them, would search nothing and report noise).
+        :func:`run_study` refuses a study whose every searched value was pinned; a runner built
+        only to evaluate fixed recipes (a single model as identical parents) is fine."""
         bank = self.parents.bank
         equal = [b for b in bank.equal_segments() if b in self.space.layout.blocks]
         inert = inert_dimensions(self.space, equal_blocks=equal) if config.technique != "output_ensemble" else {}
@@ -238,8 +241,7 @@ class StudyRunner:
             if not lora.blocks:
                 self.notes.append(f"LoRA {lora.name!r} touches no block of the model: its strength is not searched")
         self.space = pin_dimensions(self.space, list(inert))
-        if not self.space.dimensions:
-            raise StudyConfigError("search_space: nothing left to search: " + "; ".join(self.notes))
+        self.pinned = inert
 
     def _flag_unchanged_images(self, trial: optuna.Trial, *, recipe: MergeRecipe, digest: str) -> None:
         """Flag a trial whose images are bit for bit the previous trial's while its recipe differs:
@@ -453,6 +455,20 @@ def requeue(trial: optuna.Trial) -> None:
     study._storage.create_new_trial(study._study_id, template_trial=retry)  # noqa: SLF001 - as RetryFailedTrialCallback does
 
 
+def _normalised(raw: str | None) -> str | None:
+    """A stored study file as this version dumps it (fields added since it was stored take their
+    defaults, so a study made by an earlier version still resumes)."""
+    if raw is None:
+        return None
+    from optimizer.study.config import parse_study_config
+
+    try:
+        config = parse_study_config(json.loads(raw), source="stored study file")
+    except (StudyConfigError, ValueError):
+        return raw
+    return json.dumps(config.model_dump(mode="json"), sort_keys=True)
+
+
 def create_or_load_study(config: StudyConfig, *, storage: optuna.storages.RDBStorage) -> tuple[optuna.Study, bool]:
     """The Optuna study of ``config`` (created with the config stored in it, or loaded); ``True`` if new.
 
@@ -465,7 +481,7 @@ def create_or_load_study(config: StudyConfig, *, storage: optuna.storages.RDBSto
     except KeyError:
         existing = None
     if existing is not None:
-        if existing.user_attrs.get(CONFIG_ATTR) != stored:
+        if _normalised(existing.user_attrs.get(CONFIG_ATTR)) != stored:
             raise StudyConfigError(
                 f"study {config.name!r} already exists in {storage.url} with a different study file; "
                 "give it a new name, or use `evomerge study resume` with the stored one"
@@ -508,10 +524,13 @@ def run_study(
     ``notify`` is told the set-up's notes (dimensions pinned because they cannot change the
     weights) and each flagged trial (images unchanged although the recipe changed)."""
     runner = runner or StudyRunner(config, folder=folder)  # validates everything; creates nothing
-    if notify is not None and isinstance(runner, StudyRunner):
-        runner.on_note = notify
-        for note in runner.notes:
-            notify(note)
+    if isinstance(runner, StudyRunner):
+        if runner.pinned and not runner.space.dimensions:  # every searched value was inert: trials would all be one recipe
+            raise StudyConfigError("search_space: nothing left to search: " + "; ".join(runner.notes))
+        if notify is not None:
+            runner.on_note = notify
+            for note in runner.notes:
+                notify(note)
     url = storage_url or folder.storage_url(config)
     with folder.creating():
         storage = open_storage(url, heartbeat=config.heartbeat)
