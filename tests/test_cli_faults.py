@@ -509,9 +509,12 @@ def test_export_onto_a_read_only_or_full_disk(done_study: dict, mounts: dict, wh
 
 
 @needs_zoo
-def test_study_run_into_a_read_only_folder(done_study: dict, mounts: dict) -> None:
-    target = mounts["ro"] / "study"
-    refuse(["study", "run", done_study["file"], "--out", target, "--no-progress"], absent=(target,), match=r"read-only")
+@pytest.mark.parametrize("where", ["ro", "full"])
+def test_study_run_onto_a_read_only_or_full_disk(done_study: dict, mounts: dict, where: str) -> None:
+    if where == "full":
+        _fill(mounts["full"])
+    target = mounts[where] / "study"
+    refuse(["study", "run", done_study["file"], "--out", target, "--no-progress"], absent=(target,), match=r"(?i)read-only|full|No space left")
 
 
 # ------------------------------------------------------------------ left behind, moved, shared

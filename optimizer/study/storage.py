@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,7 +75,7 @@ class StudyFolder:
     def creating(self) -> Iterator[None]:
         """Create the folder (and its parents) and hold an exclusive lock on it: two processes
         starting the same new study take turns creating its storage. If the block fails and the
-        folder was created here and is still empty, it is removed again."""
+        folder was created here, it is removed again with what the block put in it."""
         created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root, os.O_RDONLY)
@@ -83,9 +84,8 @@ class StudyFolder:
             try:
                 yield
             except BaseException:
-                if created:
-                    with contextlib.suppress(OSError):
-                        self.root.rmdir()  # only if still empty
+                if created:  # made by this call, under the lock: whatever is in it is ours (a half-made study.db)
+                    shutil.rmtree(self.root, ignore_errors=True)
                 raise
         finally:
             os.close(fd)  # releases the lock
