@@ -345,24 +345,9 @@ def test_resume_after_kill_9_loses_no_completed_trial_and_retries_the_killed_one
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "optimizer.cli", "study", "run", str(study_file), "--out", str(out), "--no-progress"]
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     db = out / "study.db"
-    deadline = time.monotonic() + 300
-    before: list[tuple[int, str]] = []
+    process = _run_until_a_trial_runs(cmd, db=db, env=env)
     try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"the study ended before it could be killed: {process.stderr.read().decode()[-2000:]}")
-            if db.is_file():
-                try:
-                    before = _states(db)
-                except sqlite3.OperationalError:
-                    before = []
-                if sum(s == "COMPLETE" for _, s in before) >= 2 and any(s == "RUNNING" for _, s in before):
-                    break
-            time.sleep(0.05)
-        else:
-            pytest.fail("no running trial after two complete ones")
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
