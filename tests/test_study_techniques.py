@@ -82,6 +82,31 @@ def test_lora_strengths_are_search_dimensions_replayed_and_exported(tmp_path: Pa
     assert doc["loras"][0]["name"] == "rnd" and len(doc["loras"][0]["sha256"]) == 64
 
 
+def test_a_lora_strength_that_adds_nothing_is_reported_and_not_searched(tmp_path: Path) -> None:
+    """A LoRA whose factors are zero in the OUT blocks (a LoRA "that maps to nothing" there): its
+    OUT strength cannot change the weights, so it is pinned with a note; IN01 is still searched."""
+    from safetensors.torch import save_file
+
+    lora = _random_zoo_lora(tmp_path, seed=7)
+    tensors = load_file(str(lora))
+    zeroed = {k: (torch.zeros_like(v) if "up_blocks" in k and "lora_B" in k else v) for k, v in tensors.items()}
+    assert any("up_blocks" in k and "lora_B" in k for k in tensors)
+    dead = tmp_path / "dead-out.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(lora), framework="pt") as handle:
+        save_file(zeroed, str(dead), metadata=handle.metadata())
+    config = _config(
+        tmp_path,
+        search_space={"alpha": {"share": "global"}},
+        loras=[{"path": str(dead), "name": "rnd", "strength": {"low": 0.0, "high": 1.0, "share": "per_block", "groups": {"OUT": [f"OUT{i:02d}" for i in range(3, 12)]}}}],
+        budget={"trials": 1},
+    )
+    runner = StudyRunner(config, folder=StudyFolder(tmp_path / "run"))
+    assert "lora.rnd.OUT" not in runner.space.names and "lora.rnd.IN01" in runner.space.names
+    assert any(n.startswith("lora.rnd.OUT is not searched: LoRA 'rnd' adds nothing to block(s) OUT03") for n in runner.notes), runner.notes
+
+
 def test_lbw_string_scales_one_global_lora_strength(tmp_path: Path) -> None:
     lora = _random_zoo_lora(tmp_path, seed=6)
     config = _config(tmp_path, search_space={"alpha": {"value": 0.5}}, loras=[{"path": str(lora), "lbw": "OUTALL"}])

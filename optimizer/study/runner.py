@@ -135,6 +135,12 @@ def default_dtype(config: StudyConfig) -> str | None:
     return "fp32" if resolve_device(config.device).type == "cpu" else None
 
 
+def lora_null_blocks(lora) -> list[str]:
+    """The blocks in which every layer of ``lora`` adds nothing (a zero factor or scale)."""
+    live = {layer.block for layer in lora.layers if layer.scale != 0 and bool(layer.up.any()) and bool(layer.down.any())}
+    return [b for b in lora.blocks if b not in live]
+
+
 class StudyRunner:
     """Everything a trial needs, built once (see the module docstring)."""
 
@@ -232,7 +238,8 @@ class StudyRunner:
         only to evaluate fixed recipes (a single model as identical parents) is fine."""
         bank = self.parents.bank
         equal = [b for b in bank.equal_segments() if b in self.space.layout.blocks]
-        inert = inert_dimensions(self.space, equal_blocks=equal) if config.technique != "output_ensemble" else {}
+        null = {lora.name: lora_null_blocks(lora) for lora in self.loras}
+        inert = inert_dimensions(self.space, equal_blocks=equal, lora_null_blocks=null) if config.technique != "output_ensemble" else {}
         if equal and len(equal) == len(self.space.layout.blocks) and config.technique != "output_ensemble":
             inert = {d.name: "the parents are identical" for d in self.space.dimensions if not d.name.startswith(("lora.", "hypernetwork."))}
         for name, reason in inert.items():

@@ -173,16 +173,28 @@ def bind_space(
     )
 
 
-def inert_dimensions(space: BoundSpace, *, equal_blocks: Sequence[str]) -> dict[str, str]:
-    """``{dimension name: reason}`` for the merge dimensions that cannot change the weights: every
-    block they set is equal in all parents (then every method gives that block back unchanged:
-    weights summing to one, task vectors of zero, SLERP between equal vectors)."""
+def inert_dimensions(
+    space: BoundSpace, *, equal_blocks: Sequence[str], lora_null_blocks: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, str]:
+    """``{dimension name: reason}`` for the dimensions that cannot change the weights.
+
+    A merge dimension is inert when every block it sets is equal in all parents (then every
+    method gives that block back unchanged: weights summing to one, task vectors of zero, SLERP
+    between equal vectors). A LoRA strength is inert when, in every block it sets, the LoRA adds
+    nothing (``lora_null_blocks[name]``: blocks whose ``up @ down`` is zero)."""
     equal = set(equal_blocks)
-    return {
-        d.name: f"block(s) {', '.join(d.blocks)} are identical in every parent"
-        for d in space.dimensions
-        if not d.name.startswith((LORA_PREFIX, HYPERNETWORK_PREFIX)) and d.blocks and set(d.blocks) <= equal
-    }
+    out: dict[str, str] = {}
+    for d in space.dimensions:
+        if d.name.startswith(HYPERNETWORK_PREFIX) or not d.blocks:
+            continue
+        if d.name.startswith(LORA_PREFIX):
+            name = d.param.removeprefix(LORA_PREFIX)
+            null = set((lora_null_blocks or {}).get(name, ()))
+            if set(d.blocks) <= null:
+                out[d.name] = f"LoRA {name!r} adds nothing to block(s) {', '.join(d.blocks)} (its factors are zero)"
+        elif set(d.blocks) <= equal:
+            out[d.name] = f"block(s) {', '.join(d.blocks)} are identical in every parent"
+    return out
 
 
 def pin_dimensions(space: BoundSpace, names: Sequence[str]) -> BoundSpace:
