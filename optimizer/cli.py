@@ -418,7 +418,8 @@ def worker(
 
     _quiet_optuna()
     try:
-        loaded = optuna.load_study(study_name=study, storage=open_storage(storage, heartbeat=HeartbeatConfig()))
+        # a worker joins a study that exists: it never creates (or initialises) a database
+        loaded = optuna.load_study(study_name=study, storage=open_storage(storage, heartbeat=HeartbeatConfig(), create=False))
     except KeyError:
         raise _fail(f"no study named {study!r} in {storage}") from None
     except _study_errors() as exc:

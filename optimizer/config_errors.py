@@ -37,6 +37,8 @@ def read_yaml_file(path: str | os.PathLike[str], *, error: type[ValueError], mis
     import yaml
 
     path = Path(path)
+    if path.exists() and not path.is_dir() and not path.is_file():  # a FIFO or device: reading it would block or never end
+        raise error(f"{path}: not a regular file (a FIFO or a device), not a YAML file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

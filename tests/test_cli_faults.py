@@ -240,12 +240,13 @@ def test_merge_and_inspect_refuse_bad_input_in_one_line(ws: Workspace, name: str
 
 
 @pytest.mark.parametrize("name", ["fifo", "devzero"])
-@pytest.mark.parametrize("command", ["inspect", "merge"])
+@pytest.mark.parametrize("command", ["inspect", "merge", "study"])
 def test_special_files_are_refused_without_reading_them(ws: Workspace, name: str, command: str) -> None:
     """A FIFO would block the reader forever, /dev/zero would be read without end: both are
     refused from their file type (in a subprocess, so a regression fails instead of hanging)."""
     bad = ws.files[name]
-    args = ["inspect", bad] if command == "inspect" else ["merge", ws.p0, bad, "--alpha", "0.3", "-o", ws.path(f"{name}.safetensors")]
+    args = {"inspect": ["inspect", bad], "merge": ["merge", ws.p0, bad, "--alpha", "0.3", "-o", ws.path(f"{name}.safetensors")],
+            "study": ["study", "run", bad, "--out", ws.path(f"{name}.safetensors")]}[command]
     result = subprocess.run([*evomerge_command(), *map(str, args)], env=subprocess_env(), capture_output=True, text=True, timeout=120)
     line = check_refusal(result.returncode, result.stderr, result.stdout)
     assert ("FIFO" in line) if name == "fifo" else ("device" in line), line
@@ -410,6 +411,15 @@ def _study_cases() -> dict[str, tuple[Callable[[dict, Path], dict], str]]:
     def report_not_a_study(s: dict, tmp: Path) -> dict:
         return {"args": ["report", tmp], "watch": (tmp,)}
 
+    def worker_missing_db(s: dict, tmp: Path) -> dict:
+        return {"args": ["worker", "--storage", f"sqlite:///{tmp / 'nope.db'}", "--study", "faults"], "absent": (tmp / "nope.db",),
+                "watch": (tmp,)}
+
+    def worker_missing_study(s: dict, tmp: Path) -> dict:
+        db = tmp / "copy.db"
+        shutil.copy(s["out"] / "study.db", db)
+        return {"args": ["worker", "--storage", f"sqlite:///{db}", "--study", "nobody"], "untouched": (db,), "watch": (tmp,)}
+
     def dashboard_bad_port(s: dict, tmp: Path) -> dict:
         return {"args": ["dashboard", s["out"], "--port", "99999"], "watch": (s["out"],)}
 
@@ -433,6 +443,8 @@ def _study_cases() -> dict[str, tuple[Callable[[dict, Path], dict], str]]:
         "resume of a folder that is not a study": (resume_not_a_study, r"not a study folder"),
         "report of a folder that is not a study": (report_not_a_study, r"not a study folder"),
         "dashboard on port 99999": (dashboard_bad_port, r"99999"),
+        "worker on a database that does not exist": (worker_missing_db, r"no study database"),
+        "worker on a study that does not exist": (worker_missing_study, r"no study named 'nobody'"),
         "study file that is not YAML": (not_yaml, r"YAML"),
     }
 
