@@ -37,6 +37,12 @@ class GuardedGroup(TyperGroup):
             return super().invoke(ctx)
         except EvomergeError as exc:
             raise _fail(str(exc)) from None
+        except BrokenPipeError:  # `evomerge inspect x | head`: the reader left; stop quietly, as cat does
+            import os
+            import sys
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(code=141) from None
         except OSError as exc:
             raise _fail(os_error_line(exc)) from None
         except KeyboardInterrupt:

@@ -225,3 +225,25 @@ def test_sd2_single_file_with_unused_last_layer_merges_with_a_diffusers_folder(t
     code, text = _run("merge", single, bad, "--alpha", "0.5", "-o", out2)
     assert code != 0 and "different keys" in text and "resblocks.0." in text
     assert not out2.exists()
+
+
+def test_the_same_merge_gives_the_same_file_byte_for_byte(tiny: dict[str, Path]) -> None:
+    """The safetensors library writes metadata from a hash map (a new key order each run); the
+    header is rewritten in a fixed order, so the same inputs give the same sha256 (DARE included:
+    its masks come from the recipe's seed)."""
+    import hashlib
+
+    digests = []
+    for run in range(2):
+        out = tiny["root"] / f"dare-{run}.safetensors"
+        code, text = _run("merge", tiny["p0"], tiny["p1"], "--method", "dare", "--param", "drop_rate=0.5", "-o", out)
+        assert code == 0, text
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    import struct
+
+    data = (tiny["root"] / "dare-0.safetensors").read_bytes()
+    header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])  # the fixed order on disk
+    assert load_file(str(tiny["root"] / "dare-0.safetensors")).keys() == load_file(str(tiny["p0"])).keys()
+

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,28 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
 
 
+def canonical_header(path: str | os.PathLike[str]) -> None:
+    """Rewrite a safetensors file's JSON header in place with its metadata keys sorted.
+
+    The safetensors library stores metadata in a hash map, so the same tensors and metadata are
+    written in a different key order from run to run (and so with a different sha256). The
+    rewritten header has the same bytes in a fixed order: the same length, the data untouched,
+    so one merge always gives one file."""
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        raw = handle.read(length)
+        header = json.loads(raw)
+        ordered: dict[str, Any] = {}
+        if "__metadata__" in header:
+            ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+        ordered.update(sorted(header.items()))
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:  # cannot happen for the library's compact JSON; never shift the data
+            return
+        handle.seek(8)
+        handle.write(text + b" " * (length - len(text)))  # the library pads its header with spaces too
+
+
 def save_safetensors(
     *, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None
 ) -> Path:
@@ -57,6 +80,7 @@ def save_safetensors(
             raise
         except Exception as exc:  # noqa: BLE001 - safetensors reports I/O failures as its own error
             raise CheckpointError(f"{path}: cannot write: {exc}") from None
+        canonical_header(tmp)
     return Path(path)
 
 
