@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from optimizer.cli import app
 from optimizer.tiny_models import tiny_config_dir, tiny_sd1_components, write_tiny_ldm
 from optimizer.zoo import paths
-from tests.study_cli import PROMPTS, evomerge_command, subprocess_env
+from tests.study_cli import evomerge_command, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -321,19 +321,11 @@ needs_zoo = pytest.mark.skipif(not (ZOO / paths.MANIFEST).is_file(), reason="stu
 
 
 def _study_file(folder: Path, **overrides) -> Path:
-    (folder / "prompts.yaml").write_text(yaml.safe_dump(PROMPTS))
-    data = {
-        "name": "faults",
-        "parents": [str(paths.model_file(ZOO, "shape")), str(paths.model_file(ZOO, "colour"))],
-        "search_space": {"alpha": {"share": "global"}},
-        "sampler": {"name": "random", "seed": 1},
-        "pruner": {"name": "none"},
-        "objectives": ["clip"],
-        "prompts": "prompts.yaml",
-        "render": {"batch_size": 3, "grid_images": 2},
-        "budget": {"trials": 1},
-    }
-    data.update(overrides)
+    """A one-trial zoo study file (tests/test_study.py's, with one global alpha)."""
+    from tests.test_study import _study_data
+
+    data = _study_data(folder, **{"name": "faults", "search_space": {"alpha": {"share": "global"}}, "budget": {"trials": 1},
+                                  "render": {"batch_size": 3, "grid_images": 2}, **overrides})
     path = folder / f"{data['name']}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -238,26 +238,22 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path: Path, monkey
     assert "NonFiniteImages" in failed[0].user_attrs["failure"] and "NaN" in failed[0].user_attrs["failure"]
     assert "OutOfMemoryError" in failed[1].user_attrs["failure"]
 
-    # a broken set-up stops the study with the reason instead of burning the budget
-    def always(jobs):
-        raise NonFiniteImages("all black")
+    # a broken set-up stops the study with the reason instead of burning the budget; a bug (a bare
+    # ValueError, KeyError, ...) stops it at once with its traceback: one failed trial, not five
+    # trials recorded as "failed" while the bug goes unseen
+    for name, error, expected, match, failed_trials in (
+        ("broken", NonFiniteImages("all black"), StudyFailed, "5 trials in a row failed; the last: NonFiniteImages: all black", 5),
+        ("buggy", ValueError("a programming error"), ValueError, "a programming error", 1),
+    ):
+        def fail(jobs, _error=error):
+            raise _error
 
-    monkeypatch.setattr(study_runner.renderer, "batches", always)
-    config = config.model_copy(update={"name": "broken"})
-    with pytest.raises(StudyFailed, match="5 trials in a row failed; the last: NonFiniteImages: all black"):
-        run_study(config, folder=folder, runner=study_runner, progress=False)
-
-    # a bug (a bare ValueError, KeyError, ...) stops the study at once with its traceback: one
-    # failed trial, not five trials recorded as "failed" while the bug goes unseen
-    def buggy(jobs):
-        raise ValueError("a programming error")
-
-    monkeypatch.setattr(study_runner.renderer, "batches", buggy)
-    config = config.model_copy(update={"name": "buggy"})
-    with pytest.raises(ValueError, match="a programming error"):
-        run_study(config, folder=folder, runner=study_runner, progress=False)
-    buggy_study = optuna.load_study(study_name="buggy", storage=folder.storage_url(config))
-    assert [t.state.name for t in buggy_study.trials] == ["FAIL"]
+        monkeypatch.setattr(study_runner.renderer, "batches", fail)
+        config = config.model_copy(update={"name": name})
+        with pytest.raises(expected, match=match):
+            run_study(config, folder=folder, runner=study_runner, progress=False)
+        stopped = optuna.load_study(study_name=name, storage=folder.storage_url(config))
+        assert [t.state.name for t in stopped.trials] == ["FAIL"] * failed_trials
 
 
 @needs_zoo
