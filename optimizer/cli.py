@@ -92,10 +92,9 @@ def inspect(
 
 def _check_uniform_params(method, params: dict[str, str], *, n_parents: int) -> None:
     """Range-check the parameters given as one number before any parent is loaded."""
-    from optimizer.checkpoint.types import CheckpointError
+    from optimizer.merge_files import check_parent_count
 
-    if n_parents < 2:
-        raise CheckpointError("a merge needs at least two parent checkpoints")
+    check_parent_count(n_parents)
     method.check_parents(n_parents)
     for name, text in params.items():
         try:

@@ -65,6 +65,12 @@ def recipe_from_strings(
     return MergeRecipe(method=method, params=merged, seed=seed, merge_vae=merge_vae)
 
 
+def check_parent_count(n: int) -> None:
+    """:class:`CheckpointError` unless there are at least two parents."""
+    if n < 2:
+        raise CheckpointError("a merge needs at least two parent checkpoints")
+
+
 def nonfinite_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Keys of the floating-point tensors that hold a NaN or an infinity, sorted."""
     return sorted(k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
@@ -112,8 +118,7 @@ def load_parents(
     The returned checkpoints keep path, hashes and metadata but no tensors: the bank holds the
     only copy of the weights.
     """
-    if len(paths) < 2:
-        raise CheckpointError("a merge needs at least two parent checkpoints")
+    check_parent_count(len(paths))
     if placement not in ("device", "host"):
         raise CheckpointError(f"unknown bank placement {placement!r}; use device or host")
     target = parse_dtype(dtype)

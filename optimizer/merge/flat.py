@@ -112,12 +112,13 @@ class ParentBank:
     def n_parents(self) -> int:
         return len(self.buffers)
 
-    def equal_segments(self) -> list[str]:
-        """Names of the blocks and components whose tensors are identical in every parent
-        (exact equality; such a segment merges to itself whatever the recipe)."""
+    def equal_segments(self, *, names: Sequence[str] | None = None) -> list[str]:
+        """Those of ``names`` (default: every block and component) whose tensors are identical in
+        every parent (exact equality; such a segment merges to itself whatever the recipe)."""
         first = self.buffers[0]
-        return [name for name, seg in self.segments.items()
-                if all(torch.equal(seg.view(first), seg.view(other)) for other in self.buffers[1:])]
+        wanted = self.segments if names is None else [n for n in names if n in self.segments]
+        return [name for name in wanted
+                if all(torch.equal(self.segments[name].view(first), self.segments[name].view(other)) for other in self.buffers[1:])]
 
     @classmethod
     def build(

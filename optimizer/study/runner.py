@@ -199,7 +199,6 @@ class StudyRunner:
             from optimizer.render.taesd import with_taesd_decoder
 
             pipe = with_taesd_decoder(pipe, directory=config.render.taesd, architecture=layout.name)
-        self.decoder = type(pipe.vae).__name__
         self.prompt_set = load_prompt_set(config.prompts)
         self.recalibrator = None
         if config.recalibrate is not None:
@@ -236,12 +235,11 @@ class StudyRunner:
         parents, or of a block equal in all of them, would search nothing and report noise).
         :func:`run_study` refuses a study whose every searched value was pinned; a runner built
         only to evaluate fixed recipes (a single model as identical parents) is fine."""
-        bank = self.parents.bank
-        equal = [b for b in bank.equal_segments() if b in self.space.layout.blocks]
-        null = {lora.name: lora_null_blocks(lora) for lora in self.loras}
-        inert = inert_dimensions(self.space, equal_blocks=equal, lora_null_blocks=null) if config.technique != "output_ensemble" else {}
-        if equal and len(equal) == len(self.space.layout.blocks) and config.technique != "output_ensemble":
-            inert = {d.name: "the parents are identical" for d in self.space.dimensions if not d.name.startswith(("lora.", "hypernetwork."))}
+        inert: dict[str, str] = {}
+        if config.technique != "output_ensemble":  # an ensemble's weight mixes predictions, not weights
+            equal = self.parents.bank.equal_segments(names=self.space.layout.blocks)
+            null = {lora.name: lora_null_blocks(lora) for lora in self.loras}
+            inert = inert_dimensions(self.space, equal_blocks=equal, lora_null_blocks=null)
         for name, reason in inert.items():
             self.notes.append(f"{name} is not searched: {reason}, so its value cannot change the weights")
         for lora in self.loras:

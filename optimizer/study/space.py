@@ -178,11 +178,13 @@ def inert_dimensions(
 ) -> dict[str, str]:
     """``{dimension name: reason}`` for the dimensions that cannot change the weights.
 
-    A merge dimension is inert when every block it sets is equal in all parents (then every
+    A merge dimension is inert when every block it sets is equal in all parents (all blocks
+    equal: "the parents are identical"; then every
     method gives that block back unchanged: weights summing to one, task vectors of zero, SLERP
     between equal vectors). A LoRA strength is inert when, in every block it sets, the LoRA adds
     nothing (``lora_null_blocks[name]``: blocks whose ``up @ down`` is zero)."""
     equal = set(equal_blocks)
+    identical = equal >= set(space.layout.blocks)
     out: dict[str, str] = {}
     for d in space.dimensions:
         if d.name.startswith(HYPERNETWORK_PREFIX) or not d.blocks:
@@ -192,6 +194,8 @@ def inert_dimensions(
             null = set((lora_null_blocks or {}).get(name, ()))
             if set(d.blocks) <= null:
                 out[d.name] = f"LoRA {name!r} adds nothing to block(s) {', '.join(d.blocks)} (its factors are zero)"
+        elif identical:
+            out[d.name] = "the parents are identical"
         elif set(d.blocks) <= equal:
             out[d.name] = f"block(s) {', '.join(d.blocks)} are identical in every parent"
     return out
