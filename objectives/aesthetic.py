@@ -21,9 +21,13 @@ import re
 from pathlib import Path
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from objectives.base import MeanScore, ObjectiveError, check_images
+from objectives.clip_score import OpenCLIPSettings, shared_open_clip
+from objectives.registry import BuildContext, register_scorer
+from objectives.settings import LocalPath
 from optimizer.errors import EvomergeError
 
 
@@ -103,10 +107,22 @@ def aesthetic_scores(head: nn.Module, embeddings: Tensor) -> Tensor:
     return head(e)
 
 
-class AestheticObjective(MeanScore):
-    """Mean aesthetic score of the images seen since :meth:`reset` (maximize): a CLIP image tower
-    (any open_clip model, e.g. ViT-L-14 for the LAION/improved heads) followed by a head."""
+class AestheticSettings(OpenCLIPSettings):
+    aesthetic_head: LocalPath = Field(description="a LAION linear head or an improved-predictor MLP .pth")
 
+
+@register_scorer
+class AestheticObjective(MeanScore):
+    """LAION aesthetic score: the mean head score of the images seen since :meth:`reset`
+    (maximize): a CLIP image tower (any open_clip model, e.g. ViT-L-14 for the LAION/improved
+    heads) followed by a linear head or the improved predictor's MLP (see the module docstring)."""
+
+    name = "aesthetic"
+    higher_is_better = True
+    uses_prompts = False
+    Settings = AestheticSettings
+    weights = ("the head .pth from github.com/LAION-AI/aesthetic-predictor or christophschuhmann/improved-aesthetic-predictor, "
+               "plus the matching open_clip model (ViT-L-14 openai)")
     direction = "maximize"
 
     def __init__(self, *, clip_model, head: nn.Module, batch_size: int = 64, name: str = "aesthetic") -> None:
@@ -115,6 +131,12 @@ class AestheticObjective(MeanScore):
         self.head = head
         self.batch_size = batch_size
         self.name = name
+
+    @classmethod
+    def from_settings(cls, settings: AestheticSettings, *, context: BuildContext) -> AestheticObjective:
+        head = load_aesthetic_head(settings.aesthetic_head)  # a bad head file fails before the CLIP model loads
+        model, _ = shared_open_clip(settings, context=context)
+        return cls(clip_model=model, head=head)
 
     def update(self, images: Tensor, *, prompts=()) -> None:
         from objectives.clip_score import encode_images

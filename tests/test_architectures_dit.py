@@ -233,6 +233,7 @@ def _study(tmp: Path, parents: list[Path], config_dir: Path, name: str) -> Path:
         "search_space": {"alpha": {"low": 0.0, "high": 1.0}}, "sampler": {"name": "random", "seed": 1},
         "pruner": {"name": "none"}, "objectives": ["clip"], "scorers": {"clip_model": "evomerge-digits-clip"},
         "prompts": "prompts.yaml", "render": {"batch_size": 2, "grid_images": 2}, "budget": {"trials": 2},
+        "calibration": {"gate": False},  # random-weight tiny models render noise, which the sanity gate rightly refuses
     }
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(study))

@@ -51,7 +51,7 @@ def _study(folder: Path, *, parents: list[Path], config_dir: Path, render: dict 
         "name": "noop", "parents": [str(p) for p in parents], "config_dir": str(config_dir),
         "search_space": space or {"alpha": {}}, "sampler": {"name": "random", "seed": 1}, "pruner": {"name": "none"},
         "objectives": ["clip"], "prompts": "prompts.yaml", "render": render or {"batch_size": 2, "grid_images": 1},
-        "budget": {"trials": 2},
+        "budget": {"trials": 2}, "calibration": {"gate": False},  # random-weight tiny models render noise (the gate refuses them)
     }
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -94,6 +94,6 @@ def test_fid_and_kid_with_the_zoo_clip_features(renders, tmp_path: Path) -> None
 
 def test_feature_options_are_checked(renders, tmp_path: Path) -> None:
     code, out = _score("--images", renders["images"], "--objective", "fid", "--reference", renders["images"], "--features", "dino")
-    assert code == 2 and "unknown FID/KID features 'dino'" in out
+    assert code == 2 and "features: Input should be 'inception' or 'clip'" in out
     code, out = _score("--images", renders["images"], "--objective", "fid", "--reference", renders["images"], "--inception-weights", tmp_path / "none.pt")
     assert code == 2 and "no Inception weights file" in out

@@ -160,6 +160,21 @@ class Merger:
             copied = self._settle_components(merged_vae=recipe.merge_vae)
         return self._stats(recipe, started, calls=calls, merged=merged, copied=copied, backend="torch", with_loras=with_loras)
 
+    def load_parent(self, index: int) -> None:
+        """Write parent ``index`` as it is (every block and component, no LoRA) into the output
+        buffer: what the sanity gate renders as "the parents". The next :meth:`merge` writes every
+        block again and restores parent 0's components."""
+        bank = self.bank
+        if not 0 <= index < bank.n_parents:
+            raise MergeError(f"parent index {index} out of range: the bank holds {bank.n_parents} parents")
+        with torch.inference_mode():
+            self.output.copy_(bank.buffers[index], non_blocking=bank.placement == "host")
+        for name in self._component_is_parent0:
+            self._component_is_parent0[name] = index == 0
+        self.notify_changed()
+        if self.output.device.type == "cuda":
+            torch.cuda.synchronize(self.output.device)
+
     def add_loras(self, recipe: MergeRecipe) -> LoraApplyStats | None:
         """Add ``recipe``'s LoRAs to the buffer in place (after a ``merge(..., with_loras=False)``);
         ``None`` when the recipe names none. Raises :class:`RecipeError` before touching the buffer."""

@@ -20,6 +20,8 @@ from optimizer.errors import EvomergeError
 
 __all__ = [
     "BudgetConfig",
+    "CalibrationConfig",
+    "CombineConfig",
     "HypernetworkConfig",
     "LoraConfig",
     "ObjectiveConfig",
@@ -38,8 +40,6 @@ __all__ = [
 
 SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random", "qmc")
 PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
-OBJECTIVE_NAMES = ("clip", "aesthetic", "fid", "kid")
-DEFAULT_DIRECTIONS = {"clip": "maximize", "aesthetic": "maximize", "fid": "minimize", "kid": "minimize"}
 
 
 class StudyConfigError(EvomergeError, ValueError):
@@ -133,11 +133,14 @@ class PrunerConfig(_Strict):
 
 
 class ObjectiveConfig(_Strict):
-    """One objective: its name, its weight in the weighted score, its direction (defaults per name)."""
+    """One objective: a scorer of the registry (``evomerge scorers`` lists them) or a plug-in
+    ``module:Class``; its weight in the combined score; its direction (default: the scorer's);
+    ``options`` for this objective only (they override the shared ``scorers:`` options)."""
 
     name: str
     weight: float = 1.0
     direction: Literal["maximize", "minimize"] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -147,25 +150,59 @@ class ObjectiveConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in OBJECTIVE_NAMES:
-            raise ValueError(f"unknown objective {value!r}; known: {', '.join(OBJECTIVE_NAMES)}")
+        from objectives.registry import ScorerRegistryError, get_scorer
+
+        try:
+            get_scorer(value)
+        except ScorerRegistryError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @property
+    def scorer(self) -> type:
+        from objectives.registry import get_scorer
+
+        return get_scorer(self.name)
+
+    @property
     def resolved_direction(self) -> str:
-        return self.direction or DEFAULT_DIRECTIONS[self.name]
+        from objectives.registry import default_direction
+
+        return self.direction or default_direction(self.scorer)
 
 
-class ScorerConfig(_Strict):
-    """What the objectives are built from (once per study)."""
+class ScorerConfig(BaseModel):
+    """Options shared by every objective whose scorer declares them (``clip_model``,
+    ``reference``, ...); see :mod:`objectives.settings`. Stored canonically: no nulls, no defaults."""
 
-    clip_model: str = "evomerge-digits-clip"
-    clip_weights: str | None = None  # open_clip pretrained tag or a local file; zoo CLIP: the zoo's
-    aesthetic_head: str | None = None
-    reference: str | None = None  # folder of reference images (fid, kid)
-    reference_cache: str | None = None
-    features: Literal["inception", "clip"] = "inception"
-    inception_weights: str | None = None
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class CalibrationConfig(_Strict):
+    """The calibration set scored at study start (see :mod:`objectives.calibration`): each parent's
+    renders of the first ``prompts`` search prompts, the same renders with shuffled captions, and
+    noise and flat images. ``gate``: stop the study when a scorer ranks noise, flat images or
+    mismatched captions at or above the real renders (``false``: only report the margins)."""
+
+    gate: bool = True
+    prompts: int = Field(default=8, ge=2)
+    seed: int = 0  # the noise images
+
+
+class CombineConfig(_Strict):
+    """How a weighted study turns several objective values into one score (see :mod:`objectives.combine`).
+
+    ``normalise``: ``calibration`` maps each value to ``(v - v_noise) / (v_parents - v_noise)``
+    (0 = noise images, 1 = the parents' renders), ``none`` keeps raw values; ``auto`` is
+    ``calibration`` when two or more objectives are combined, else ``none``. ``mean``: ``sum``
+    (``sum w_i s_i v_i``, s_i = +1/-1 by direction), or sd-optim's ``arithmetic``, ``geometric`` and
+    ``quadratic`` weighted means of normalised scores; ``auto``: ``arithmetic`` when normalised, else ``sum``."""
+
+    normalise: Literal["auto", "none", "calibration"] = "auto"
+    mean: Literal["auto", "sum", "arithmetic", "geometric", "quadratic"] = "auto"
 
 
 class RenderConfig(_Strict):
@@ -301,6 +338,8 @@ class StudyConfig(_Strict):
     objectives: list[ObjectiveConfig] = Field(min_length=1)
     mode: Literal["weighted", "pareto"] = "weighted"
     scorers: ScorerConfig = Field(default_factory=ScorerConfig)
+    combine: CombineConfig = Field(default_factory=CombineConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     prompts: str
     render: RenderConfig = Field(default_factory=RenderConfig)
     budget: BudgetConfig
@@ -346,9 +385,21 @@ class StudyConfig(_Strict):
                 raise ValueError("search_space.alpha: an output ensemble has one weight; set share: global")
         if self.recalibrate is not None and self.method != "weighted_sum":
             raise ValueError("recalibrate: the target statistics interpolate the parents with the recipe's alphas; it needs method weighted_sum")
-        names = [o.name for o in self.objectives]
+        names = [o.scorer.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError(f"objectives: each objective once, got {names}")
+        from objectives.registry import scorers
+        from objectives.settings import unknown_shared
+
+        unknown = unknown_shared(self.scorers.as_dict(), [*scorers().values(), *(o.scorer for o in self.objectives)])
+        if unknown:
+            raise ValueError(f"scorers.{unknown[0]}: no scorer takes an option {unknown[0]!r} (`evomerge scorers` lists each scorer's options)")
+        self.objective_specs  # noqa: B018 - validates every objective's settings
+        mean = self.combined_mean
+        if mean in ("geometric", "quadratic") and self.normalisation != "calibration":
+            raise ValueError(f"combine.mean: {mean} means need normalised scores (combine.normalise: calibration)")
+        if mean != "sum" and any(o.weight <= 0 for o in self.objectives):
+            raise ValueError(f"combine.mean: {mean} means need positive weights (a minimized objective is already flipped by its direction)")
         if self.mode == "pareto":
             if len(self.objectives) < 2:
                 raise ValueError("mode: pareto needs at least two objectives")
@@ -358,13 +409,45 @@ class StudyConfig(_Strict):
                 raise ValueError(f"sampler: {self.sampler.name} is single-objective; use nsga2, tpe, random or qmc with mode: pareto")
         elif self.sampler.name == "nsga2" and len(self.objectives) == 1:
             pass  # NSGA-II works for one objective too
-        if any(o.name in ("fid", "kid") for o in self.objectives) and self.scorers.reference is None and self.scorers.reference_cache is None:
-            raise ValueError("scorers.reference: fid/kid objectives need a folder of reference images")
-        if any(o.name == "aesthetic" for o in self.objectives) and self.scorers.aesthetic_head is None:
-            raise ValueError("scorers.aesthetic_head: the aesthetic objective needs a head file")
         if self.render.decoder == "taesd" and self.render.taesd is None:
             raise ValueError("render.taesd: decoder taesd needs the folder of taesd_decoder.safetensors")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_scorers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("scorers"), dict):
+            from objectives.registry import ScorerRegistryError, scorers
+            from objectives.settings import canonical_shared
+
+            try:
+                known = scorers()
+            except ScorerRegistryError as exc:
+                raise ValueError(str(exc)) from None
+            data = {**data, "scorers": canonical_shared(data["scorers"], known.values())}
+        return data
+
+    @property
+    def objective_specs(self) -> list:
+        """Each objective as an :class:`objectives.build.ObjectiveSpec` (scorer, validated settings, direction)."""
+        from objectives.build import objective_spec
+
+        shared = self.scorers.as_dict()
+        return [objective_spec(o.name, shared=shared, options=o.options, direction=o.direction, where=f"objectives[{i}] ({o.name})")
+                for i, o in enumerate(self.objectives)]
+
+    @property
+    def normalisation(self) -> str:
+        """``none`` or ``calibration`` (``auto`` resolved: normalise when a weighted study combines several objectives)."""
+        if self.combine.normalise != "auto":
+            return self.combine.normalise
+        return "calibration" if self.mode == "weighted" and len(self.objectives) > 1 else "none"
+
+    @property
+    def combined_mean(self) -> str:
+        if self.combine.mean != "auto":
+            return self.combine.mean
+        return "arithmetic" if self.normalisation == "calibration" else "sum"
 
     @property
     def directions(self) -> list[str]:
@@ -374,8 +457,7 @@ class StudyConfig(_Strict):
         return [o.resolved_direction for o in self.objectives]
 
 
-_PATH_FIELDS = (("config_dir",), ("prompts",), ("scorers", "aesthetic_head"), ("scorers", "reference"),
-                ("scorers", "reference_cache"), ("scorers", "inception_weights"), ("render", "taesd"))
+_PATH_FIELDS = (("config_dir",), ("prompts",), ("render", "taesd"))
 
 
 def _resolve(value: str, base: Path) -> str:
@@ -394,6 +476,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
                 {**item, "path": _resolve(item["path"], base)} if isinstance(item, dict) and isinstance(item.get("path"), str) else item
                 for item in data[field]
             ]
+    _resolve_scorer_paths(data, base)
     for path in _PATH_FIELDS:
         node = data
         for key in path[:-1]:
@@ -408,6 +491,37 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             else:
                 data[path[0]] = _resolve(node[path[0]], base)
     return data
+
+
+def _resolve_scorer_paths(data: dict[str, Any], base: Path) -> None:
+    """The path options of ``scorers:`` and of each objective's ``options:`` made absolute (in place)."""
+    from objectives.registry import ScorerRegistryError, get_scorer, scorers
+    from objectives.settings import path_options, resolve_paths
+
+    try:
+        known = list(scorers().values())
+    except ScorerRegistryError:
+        return  # reported by validation
+    objectives = data.get("objectives")
+    named: list[type | None] = []
+    if isinstance(objectives, list):
+        for item in objectives:
+            name = item if isinstance(item, str) else item.get("name") if isinstance(item, dict) else None
+            try:
+                named.append(get_scorer(name) if isinstance(name, str) else None)
+            except ScorerRegistryError:
+                named.append(None)
+        data["objectives"] = [
+            {**item, "options": resolve_paths(scorer.Settings, item["options"], base=base)}
+            if scorer is not None and isinstance(item, dict) and isinstance(item.get("options"), dict) else item
+            for item, scorer in zip(objectives, named, strict=True)
+        ]
+    if isinstance(data.get("scorers"), dict):
+        shared = dict(data["scorers"])
+        for scorer in {*known, *(n for n in named if n is not None)}:
+            resolved = resolve_paths(scorer.Settings, {k: v for k, v in shared.items() if k in path_options(scorer.Settings)}, base=base)
+            shared.update(resolved)
+        data["scorers"] = shared
 
 
 def parse_study_config(data: Any, *, source: str = "study", base: str | os.PathLike[str] | None = None) -> StudyConfig:

@@ -110,6 +110,28 @@ def _block_curve(study: optuna.Study, architecture: str):
     return figure
 
 
+def calibration_markdown(study: optuna.Study) -> str:
+    """The sanity gate's calibration scores and margins, and the combination rule ("" if none stored)."""
+    rows = study.user_attrs.get("calibration")
+    rule = study.user_attrs.get("combine")
+    if not rows and not rule:
+        return ""
+    lines = ["# Calibration", ""]
+    if rule:
+        lines += [f"Score combination: normalise **{rule['normalise']}**, mean **{rule['mean']}** (see objectives/combine.py).", ""]
+    if rows:
+        lines += ["Each objective on the parents' own renders, on the same renders with shuffled captions, and on noise and flat",
+                  "images. Margin = how much better the parents' renders score (signed by direction); the gate needs every margin > 0.", "",
+                  "| objective | direction | parents | shuffled | noise | flat | margin shuffled | margin noise | margin flat |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            m = r.get("margins", {})
+            cell = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+            lines.append(f"| {r['name']} | {r['direction']} | {cell(r['parents'])} | {cell(r['shuffled'])} | {cell(r['noise'])} | {cell(r['flat'])} "
+                         f"| {cell(m.get('shuffled'))} | {cell(m.get('noise'))} | {cell(m.get('flat'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(study: optuna.Study, *, folder: str | os.PathLike[str], architecture: str) -> dict[str, Path]:
     """Write the report files into ``folder`` and return them by name."""
     import matplotlib
@@ -124,6 +146,9 @@ def write_report(study: optuna.Study, *, folder: str | os.PathLike[str], archite
     written["csv"] = write_atomic(out / "trials.csv", lambda tmp: table.to_csv(tmp, index=False))
     shown = table.drop(columns=[c for c in table.columns if "." in c], errors="ignore")
     written["markdown"] = write_atomic(out / "trials.md", lambda tmp: Path(tmp).write_text(shown.to_markdown(index=False, floatfmt=".4g") + "\n"))
+    calibration = calibration_markdown(study)
+    if calibration:
+        written["calibration"] = write_atomic(out / "calibration.md", lambda tmp: Path(tmp).write_text(calibration))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         return written

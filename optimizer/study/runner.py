@@ -40,7 +40,7 @@ import optuna
 import torch
 
 from objectives.base import Objective, ObjectiveError
-from objectives.combine import sign
+from objectives.combine import combine_scores
 from optimizer.adapters.lbw import parse_lbw
 from optimizer.adapters.lora import load_loras
 from optimizer.errors import EvomergeError
@@ -55,7 +55,6 @@ from optimizer.study.pipeline import bound_pipeline, denoiser, unet_config
 from optimizer.study.samplers import make_pruner, make_sampler, process_seed
 from optimizer.study.space import BoundSpace, bind_space, inert_dimensions, pin_dimensions, suggest_recipe, warm_start_params
 from optimizer.study.storage import CONFIG_ATTR, StudyFolder, open_storage
-from optimizer.zoo.paths import clip_weights_or_zoo
 
 __all__ = ["StudyFailed", "StudyInterrupted", "StudyRunner", "create_or_load_study", "run_study"]
 
@@ -145,7 +144,7 @@ class StudyRunner:
     """Everything a trial needs, built once (see the module docstring)."""
 
     def __init__(self, config: StudyConfig, *, folder: StudyFolder) -> None:
-        from objectives.score_folder import build_objectives
+        from objectives.build import build_objectives
 
         self.config = config
         self.folder = folder
@@ -210,21 +209,12 @@ class StudyRunner:
             )
         self.renderer = Renderer(pipe, prompt_set=self.prompt_set, batch_size=config.render.batch_size)
         device = str(self.parents.bank.device)
-        self.objectives: list[Objective] = build_objectives(
-            [o.name for o in config.objectives],
-            reference=config.scorers.reference,
-            reference_cache=config.scorers.reference_cache,
-            clip_model=config.scorers.clip_model,
-            clip_weights=clip_weights_or_zoo(config.scorers.clip_model, config.scorers.clip_weights),
-            aesthetic_head=config.scorers.aesthetic_head,
-            features=config.scorers.features,
-            inception_weights=config.scorers.inception_weights,
-            device=device,
-        )
+        self.objectives: list[Objective] = build_objectives(config.objective_specs, device=device)
         self.weights = [o.weight for o in config.objectives]
         self.directions = [o.resolved_direction for o in config.objectives]
-        for objective, direction in zip(self.objectives, self.directions, strict=True):
-            objective.direction = direction  # a study may flip a default direction
+        #: how several values become one score (run_study may restore a stored rule) and the calibration scores
+        self.normalise, self.mean = config.normalisation, config.combined_mean
+        self.calibration = None
         self.ctrl_c = CtrlC()
         self.on_note: Callable[[str], None] | None = None  # told about flagged trials (the CLI prints them)
         self._last_images: tuple[int, str, str] | None = None
@@ -269,7 +259,16 @@ class StudyRunner:
 
     # ------------------------------------------------------------------ scoring
     def _combine(self, values: Sequence[float]) -> float:
-        return sum(w * sign(d) * v for w, d, v in zip(self.weights, self.directions, values, strict=True))
+        """The weighted study's score of ``values`` (see :mod:`objectives.combine`)."""
+        anchors = None
+        if self.normalise == "calibration":
+            if self.calibration is None:
+                from optimizer.study.calibration import runner_calibration
+
+                self.calibration = runner_calibration(self)
+            anchors = [{"noise": c.noise, "parents": c.parents} for c in self.calibration]
+        return combine_scores(values, weights=self.weights, directions=self.directions, mean=self.mean, anchors=anchors,
+                              names=[o.name for o in self.objectives])
 
     def _render_and_score(self, split: Split, trial: optuna.Trial | None = None) -> tuple[list[float], dict[str, Any]]:
         jobs = self.prompt_set.jobs(split)
@@ -540,6 +539,10 @@ def run_study(
     with folder.creating():
         storage = open_storage(url, heartbeat=config.heartbeat)
         study, new = create_or_load_study(config, storage=storage)
+        if isinstance(runner, StudyRunner):
+            from optimizer.study.calibration import settle_calibration
+
+            settle_calibration(runner, study=study, new=new, notify=notify)
         folder.write_config(config if storage_url is None else config.model_copy(update={"storage": storage_url}))
     if not new or salt:
         # read the trials only now, after the heavy set-up (see process_seed)
