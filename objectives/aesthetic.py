@@ -68,15 +68,11 @@ class MLPHead(nn.Module):
 def load_aesthetic_head(path: str | os.PathLike[str], *, embed_dim: int | None = None) -> nn.Module:
     """Load a LAION linear head or an improved-predictor MLP (eval mode, CPU)."""
     path = Path(path)
-    from optimizer.checkpoint.safe_read import check_weight_file, unpickler_reason
+    from optimizer.checkpoint.safe_read import load_torch_weights_only
 
     if not path.exists():
         raise AestheticHeadError(f"no aesthetic head at {path}")
-    check_weight_file(path, error=AestheticHeadError)
-    try:
-        state = torch.load(str(path), weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise AestheticHeadError(f"{path}: not a weights-only torch file: {unpickler_reason(exc)}") from None
+    state = load_torch_weights_only(path, error=AestheticHeadError, what="aesthetic head")
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise AestheticHeadError(f"{path}: expected a state dict of tensors")
     if set(state) == {"weight", "bias"} and state["weight"].ndim == 2 and state["weight"].shape[0] == 1:

@@ -40,16 +40,12 @@ class AestheticV25Settings(ScorerSettings):
 
 def load_v25_head(path: str | Path, *, dim: int) -> nn.Sequential:
     """The v2.5 MLP head (eval mode) from its state dict; shapes checked against ``dim``."""
-    from optimizer.checkpoint.safe_read import check_weight_file, unpickler_reason
+    from optimizer.checkpoint.safe_read import load_torch_weights_only
 
     path = Path(path)
     if not path.is_file():
         raise ObjectiveError(f"aesthetic_v25: no head at {path} (download it from {HEAD_SOURCE})")
-    check_weight_file(path, error=ObjectiveError)
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ObjectiveError(f"aesthetic_v25: {path}: not a weights-only torch file: {unpickler_reason(exc)}") from None
+    state = load_torch_weights_only(path, error=ObjectiveError, what="aesthetic_v25")
     widths = (dim, *HEAD_WIDTHS)
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):

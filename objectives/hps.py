@@ -40,18 +40,14 @@ def load_hps(settings: HPSSettings, *, device: str = "cpu"):
     """``(model, tokenizer)``: the open_clip architecture with the HPS checkpoint loaded (strict)."""
     import open_clip
 
-    from optimizer.checkpoint.safe_read import check_weight_file, unpickler_reason
+    from optimizer.checkpoint.safe_read import load_torch_weights_only
 
     path = Path(settings.hps_checkpoint)
     if not path.is_file():
         raise ObjectiveError(f"hps: no checkpoint at {path} (download HPS_v2.1_compressed.pt from {SOURCE})")
     if settings.hps_model not in open_clip.list_models():
         raise ObjectiveError(f"hps: unknown open_clip model {settings.hps_model!r}")
-    check_weight_file(path, error=ObjectiveError)
-    try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise ObjectiveError(f"hps: {path}: not a weights-only torch checkpoint: {unpickler_reason(exc)}") from None
+    checkpoint = load_torch_weights_only(path, error=ObjectiveError, what="hps")
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ObjectiveError(f"hps: {path}: expected {{'state_dict': ...}}")

@@ -63,6 +63,16 @@ def unpickler_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def load_torch_weights_only(path: str | os.PathLike[str], *, error: type[Exception], what: str) -> object:
+    """``torch.load(path, weights_only=True)`` on CPU after :func:`check_weight_file`; any unpickling
+    failure becomes ``error`` naming ``what`` and the file (a pickle that needs code is refused)."""
+    path = check_weight_file(path, error=error)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise error(f"{what}: {path}: not a weights-only torch file: {unpickler_reason(exc)}") from None
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and string metadata of a safetensors file."""
     check_weight_file(path)
