@@ -27,3 +27,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """``evomerge ... --threads N`` run in-process (CliRunner) sets torch's thread count for the whole
+    process: put it back after each test, so one test's setting does not slow every later one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

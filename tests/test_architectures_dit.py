@@ -256,6 +256,21 @@ def _assert_bound_to_buffer(runner_obj) -> None:
             assert inside != (module is denoiser(pipe) and pname in refreshed), (name, pname)
 
 
+def _sanity_gate_renders_the_parents(trial_runner, layout, *, merge_vae: bool) -> None:
+    """The calibration set's parent renders (``Merger.load_parent``) are what the merged weights of
+    each parent render, seed for seed."""
+    from optimizer.merge import MergeRecipe
+    from optimizer.study.calibration import render_parents
+
+    images, prompts = render_parents(trial_runner, count=1)
+    assert images.shape[0] == 2 and prompts[0] == prompts[1]
+    jobs = trial_runner.prompt_set.jobs("search")[:1]
+    for index, alpha in ((0, 0.0), (1, 1.0)):
+        trial_runner.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=alpha, merge_vae=merge_vae))
+        assert torch.equal(trial_runner.renderer.render(jobs).float().cpu()[0], images[index]), index
+    assert not torch.equal(images[0], images[1])
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_a_tiny_study_runs_binds_without_copies_and_exports(models, variant: str, tmp_path: Path) -> None:
     import diffusers
@@ -291,6 +306,7 @@ def test_a_tiny_study_runs_binds_without_copies_and_exports(models, variant: str
         assert all(torch.equal(live[k], reference[k]) for k in reference), alpha
     images = trial_runner.renderer.render(trial_runner.prompt_set.jobs("search"))
     assert images.shape == (2, 3, 32, 32) and bool(torch.isfinite(images).all())
+    _sanity_gate_renders_the_parents(trial_runner, layout, merge_vae=False)
 
     # export: canonical single file, bare transformer, diffusers folder
     best = study.best_trial

@@ -14,8 +14,9 @@ from optimizer.architectures import load_layout, parse_mbw
 from optimizer.checkpoint.keymap import ldm_to_diffusers
 from optimizer.checkpoint.load import load_checkpoint
 from optimizer.cli import app
-from optimizer.merge import MergeRecipe, merge_state_dicts_reference
+from optimizer.merge import MergeRecipe, available_methods, get_method, merge_state_dicts_reference
 from optimizer.tiny_models import tiny_config_dir, tiny_sd1_components, tiny_sdxl_components, write_tiny_diffusers, write_tiny_ldm
+from tests.merge_cases import parents_for
 
 MBW = "1,0,0,0,0.25,0,0,0,0,0,0,0,0,0.5,1,1,1,1,0.75,1,1,1,1,1,1,0.1"
 runner = CliRunner()
@@ -118,6 +119,24 @@ def test_diffusers_output_loads_with_from_pretrained(tiny: dict[str, Path]) -> N
     want = ldm_to_diffusers(state_dict=expected, architecture="sd1", config_dir=tiny["d2"])["unet"]
     got = pipe.unet.state_dict()
     assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in want.items())
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_every_registered_method_merges_through_the_cli_as_the_reference(tiny: dict[str, Path], method: str) -> None:
+    """``evomerge merge --method NAME`` with the method's defaults (seed 0) on real tiny files equals
+    the per-key reference; iterates the registry, so a new method is covered here too."""
+    n = parents_for(method)
+    files = [tiny["p0"], tiny["p1"], tiny["d2"], tiny["p0"], tiny["p1"]][:n]
+    out = tiny["root"] / f"every-{method}.safetensors"
+    weights = {p: 0.2 for p in get_method(method).per_parent[1 : n - 1]}  # per-parent weights past the first are never implied
+    code, text = _run("merge", *files, "--method", method, *[a for p, v in weights.items() for a in ("--param", f"{p}={v}")], "-o", out)
+    assert code == 0, text
+    layout = load_layout("sd1")
+    expected = merge_state_dicts_reference(state_dicts=[load_checkpoint(f).state_dict for f in files], layout=layout,
+                                           recipe=MergeRecipe.uniform(method=method, layout=layout, **weights))
+    got = load_file(str(out))
+    assert got.keys() == expected.keys()
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6, rtol=1e-5) for k in expected), method
 
 
 def _assert_no_output(out: Path) -> None:

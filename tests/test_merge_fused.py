@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from optimizer.architectures import load_layout
-from optimizer.merge import MergeError, Merger, MergeRecipe, ParentBank, merge_state_dicts_reference
+from optimizer.merge import MergeError, Merger, MergeRecipe, ParentBank, available_methods, get_method, merge_state_dicts_reference
 from optimizer.merge.fused import fused_available, triton_importable
+from tests.merge_cases import parents_for
 from tests.synthetic import synthetic_state_dicts
 
 LAYOUT = load_layout("sd1")
@@ -35,6 +36,9 @@ CASES = [
     ("add_difference", 3, False, "float16"),
     ("add_difference", 3, True, "float32"),
 ]
+#: every other linear method of the registry (a new one is covered without editing this list)
+CASES += [(name, parents_for(name), False, "float16") for name in available_methods()
+          if get_method(name).coefficients is not None and name not in {case[0] for case in CASES}]
 
 
 def _recipe(method: str, n: int, merge_vae: bool, seed: int) -> MergeRecipe:

@@ -15,24 +15,23 @@ from optimizer.merge import (
     ParentBank,
     ParentMismatchError,
     RecipeError,
+    available_methods,
     get_method,
     merge_state_dicts_reference,
 )
 from optimizer.merge.flat import SEGMENT_ALIGN
+from tests.merge_cases import parents_for, sample_value
 from tests.synthetic import POSITION_IDS_KEY, VAE_KEYS, synthetic_state_dicts
 
 LAYOUT = load_layout("sd1")
-N_PARENTS = {"weighted_sum": 2, "add_difference": 3, "ties": 3, "dare": 3, "slerp": 2}
+#: every registered method (weighted_sum with two parents: the bank tests below merge A and B; 3-5 parents are tested apart)
+N_PARENTS = {**{name: parents_for(name) for name in available_methods()}, "weighted_sum": 2}
 
 
 def _random_recipe(method: str, *, seed: int, n: int | None = None, merge_vae: bool = False) -> MergeRecipe:
     rng = random.Random(seed)
     m = get_method(method)
-    ranges = {"density": (0.05, 1.0), "drop_rate": (0.0, 0.9)}
-    params = {}
-    for p in m.param_names(n or N_PARENTS[method]):
-        lo, hi = ranges.get(p, (0.0, 1.0))
-        params[p] = {b: rng.uniform(lo, hi) for b in LAYOUT.blocks}
+    params = {p: {b: sample_value(m, p, rng) for b in LAYOUT.blocks} for p in m.param_names(n or N_PARENTS[method])}
     return MergeRecipe(method=method, params=params, seed=seed, merge_vae=merge_vae)
 
 
@@ -119,7 +118,7 @@ def test_kernel_matches_reference_fp32(method, merge_vae):
         assert list(got) == list(ref) == list(sds[0])
         for key in ref:
             torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
-        if method in ("weighted_sum", "add_difference"):
+        if get_method(method).granularity == "elementwise":
             assert stats.calls == 26 + merge_vae
         else:
             assert stats.calls == len(bank.spans) - (0 if merge_vae else len(bank.segments["VAE"].spans))

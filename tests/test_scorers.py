@@ -55,6 +55,7 @@ BUILDERS = {
     "kid": lambda tmp: {**ZOO_CLIP, "features": "clip", "reference": str(_reference_images(tmp / "ref"))},
     "pickscore": lambda tmp: {"pickscore_model": str(tiny.write_pickscore(tmp / "pickscore"))},
     "hps": lambda tmp: {"hps_checkpoint": str(tiny.write_hps_checkpoint(tmp / "hps.pt")), "hps_model": tiny.register_tiny_hps()},
+    "imagereward": lambda tmp: tiny.write_imagereward(tmp / "imagereward"),
     "aesthetic_v25": lambda tmp: {"siglip_model": str(tiny.write_siglip(tmp / "siglip")), "aesthetic_v25_head": str(tiny.write_v25_head(tmp / "v25.pth"))},
 }
 
@@ -178,6 +179,39 @@ def test_aesthetic_v25_matches_the_reference_package(tmp_path: Path) -> None:
         assert objective.scores(images).tolist() == pytest.approx(expected.tolist(), abs=tol)
 
 
+def test_imagereward_matches_the_image_reward_package(tmp_path: Path) -> None:
+    """The real image-reward 1.5 (ImageReward.score on PIL images, run by
+    tests/reference/make_imagereward_reference.py in a transformers-4 side environment) on the same
+    seeded tiny BLIP, prompts and images: tokens, cross-attention, reward MLP and standardisation."""
+    from tests.reference import imagereward_inputs as inputs
+
+    reference = json.loads(inputs.REFERENCE_FILE.read_text(encoding="utf-8"))
+    assert reference["versions"]["image-reward"] == "1.5"
+    options = tiny.write_imagereward(tmp_path / "ir")
+    (objective,) = build_objectives([objective_spec("imagereward", options=options)])
+    assert objective.tokenizer(inputs.PROMPTS, padding="max_length", truncation=True, max_length=35)["input_ids"] == reference["input_ids"]
+    assert (objective.tokenizer.bos_token, len(objective.tokenizer)) == (reference["special_tokens"]["bos_token"], reference["special_tokens"]["vocab_size"])
+    expected = np.asarray(reference["scores"])  # [prompt, image]
+    assert np.ptp(expected) > 0.5  # the check can tell images and prompts apart
+    for index, (h, w, _) in enumerate(inputs.IMAGES):
+        image = torch.from_numpy(inputs.image(index)).permute(2, 0, 1)[None].float() / 255
+        ours = objective.scores(image.expand(len(inputs.PROMPTS), -1, -1, -1), inputs.PROMPTS).numpy()
+        tol = 1e-4 if (h, w) == (48, 48) else 0.01  # at the input size; PIL's bicubic against torch's antialiased bicubic
+        np.testing.assert_allclose(ours, expected[:, index], atol=tol)
+
+
+def test_imagereward_refuses_files_that_do_not_fit(tmp_path: Path) -> None:
+    options = tiny.write_imagereward(tmp_path / "ir")
+    state = torch.load(options["imagereward_checkpoint"], weights_only=True)
+    torch.save({k: v for k, v in state.items() if not k.startswith("mlp.")}, tmp_path / "nohead.pt")
+    with pytest.raises(ObjectiveError, match="no reward head"):
+        build_objectives([objective_spec("imagereward", options={**options, "imagereward_checkpoint": str(tmp_path / "nohead.pt")})])
+    med = json.loads(Path(options["imagereward_med_config"]).read_text())
+    (tmp_path / "med.json").write_text(json.dumps({**med, "num_hidden_layers": 3}))
+    with pytest.raises(ObjectiveError, match="does not fit the BLIP text encoder"):
+        build_objectives([objective_spec("imagereward", options={**options, "imagereward_med_config": str(tmp_path / "med.json")})])
+
+
 def test_missing_weights_name_the_file_and_where_to_get_it(tmp_path: Path) -> None:
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "imgs" / "a.png")
@@ -186,6 +220,10 @@ def test_missing_weights_name_the_file_and_where_to_get_it(tmp_path: Path) -> No
         (["--objective", "pickscore", "--option", f"pickscore_model={tmp_path / 'nope'}"], "huggingface.co/yuvalkirstain/PickScore_v1"),
         (["--objective", "hps", "--option", f"hps_checkpoint={tmp_path / 'HPS_v2.1_compressed.pt'}"], "HPS_v2.1_compressed.pt"),
         (["--objective", "aesthetic_v25", "--option", f"siglip_model={tmp_path}", "--option", f"aesthetic_v25_head={tmp_path / 'h.pth'}"], "config.json"),
+        (["--objective", "imagereward", "--option", f"imagereward_checkpoint={tmp_path / 'p.txt'}", "--option", f"imagereward_med_config={tmp_path / 'p.txt'}",
+          "--option", f"imagereward_tokenizer={tmp_path}"], "vocab.txt (download bert-base-uncased from https://huggingface.co/google-bert/bert-base-uncased)"),
+        (["--objective", "imagereward", "--option", f"imagereward_checkpoint={tmp_path / 'ImageReward.pt'}", "--option", f"imagereward_med_config={tmp_path / 'm.json'}",
+          "--option", f"imagereward_tokenizer={tmp_path}"], "no ImageReward.pt at"),
         (["--objective", "pickscore"], "needs --option pickscore_model=VALUE"),
         (["--objective", "clip", "--option", "hps_model=x"], "--option hps_model: none of clip takes it"),
         (["--objective", "nosuch"], "unknown objective 'nosuch'"),

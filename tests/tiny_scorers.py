@@ -91,3 +91,19 @@ def write_v25_head(path: Path, *, dim: int = 32, seed: int = 0) -> Path:
     head = AestheticPredictorV2_5Head(SiglipVisionConfig(hidden_size=dim))
     torch.save(OrderedDict(head.state_dict()), path)
     return path
+
+
+def write_imagereward(folder: Path) -> dict[str, str]:
+    """ImageReward's three files (``ImageReward.pt``, ``med_config.json``, a bert folder) for the tiny
+    BLIP of ``tests/reference/imagereward_inputs.py``, with the seeded weights the reference scored."""
+    import json
+
+    from tests.reference import imagereward_inputs as inputs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = json.loads(inputs.REFERENCE_FILE.read_text(encoding="utf-8"))["shapes"]
+    state = {key: torch.from_numpy(value) for key, value in inputs.state_dict(shapes).items()}
+    torch.save(state, folder / "ImageReward.pt")
+    return {"imagereward_checkpoint": str(folder / "ImageReward.pt"),
+            "imagereward_med_config": str(inputs.write_med_config(folder / "med_config.json")),
+            "imagereward_tokenizer": str(inputs.write_vocab(folder / "bert-base-uncased"))}

@@ -9,6 +9,7 @@ Public API::
     merge_state_dicts_reference(state_dicts=, layout=, recipe=) -> dict (slow, for tests)
 """
 
+from optimizer.merge import average_methods, task_methods  # noqa: E402,F401,I001  (register their methods)
 from optimizer.merge.errors import MergeError, MergeMethodError, ParentMismatchError, RecipeError
 from optimizer.merge.flat import NON_MERGEABLE_PATTERNS, ParentBank, Segment, Span, is_mergeable
 from optimizer.merge.kernel import Merger, MergeStats

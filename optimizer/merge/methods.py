@@ -273,6 +273,8 @@ def weighted_sum(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Gen
     2 parents: ``(1 - alpha) A + alpha B`` (one ``torch.lerp`` pass: exact A at 0, exact B at 1).
     n parents: ``(1 - alpha - beta - ...) A + alpha B + beta C + gamma D + delta E`` (one pass per
     parent with a non-zero weight; fp16/bf16 round once per pass).
+
+    Source: A1111's Checkpoint Merger "Weighted sum" (``A * (1 - M) + B * M``) and sd-mecha's ``weighted_sum``.
     """
     _check_out(parents, out)
     names = ("alpha", "beta", "gamma", "delta")[: len(parents) - 1]
@@ -291,7 +293,11 @@ def weighted_sum(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Gen
     coefficients=_add_difference_coefficients,
 )
 def add_difference(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator | None = None, alpha: float) -> Tensor:
-    """Add difference: ``A + alpha (B - C)`` (two passes: ``out = B - C``, then ``out = A + alpha out``)."""
+    """Add difference: ``A + alpha (B - C)`` (two passes: ``out = B - C``, then ``out = A + alpha out``).
+
+    Source: A1111's Checkpoint Merger "Add difference" (``A + (B - C) * M``); task arithmetic
+    (Ilharco et al. 2023, arXiv 2212.04089) with one task vector.
+    """
     _check_out(parents, out)
     a, b, c = parents
     torch.sub(b, c, out=out)
@@ -317,6 +323,9 @@ def ties(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator |
     largest magnitude are kept too), zero the rest; elect ``s = sign(sum_i d_i)`` over the trimmed
     deltas; disjoint mean ``m = sum_i [d_i s > 0] d_i / max(1, sum_i [d_i s > 0])``;
     result ``C + alpha m``.
+
+    Source: Yadav et al. 2023 (arXiv 2306.01708), algorithm 1; equals mergekit's ``ties`` where
+    ``density * numel`` is whole (tested).
     """
     _check_out(parents, out)
     base, models = parents[0], parents[1:]
@@ -364,6 +373,9 @@ def dare(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator |
     (``p = drop_rate``), drawn as ``m_i = [u_i >= p]``, ``u_i ~ U[0, 1)`` from ``generator``, one
     tensor-sized draw per model in model order (``uniform_`` is ~4x faster than ``bernoulli_`` on
     CPU); result ``C + alpha mean_i d'_i``. ``drop_rate = 0`` draws no random numbers.
+
+    Source: Yu et al. 2023 (arXiv 2311.03099), drop and rescale, averaged as mergekit's ``dare_linear``
+    with normalised weights.
     """
     _check_out(parents, out)
     base, models = parents[0], parents[1:]
@@ -432,6 +444,9 @@ def slerp(parents: Sequence[Tensor], *, out: Tensor, generator: torch.Generator 
     ``[sin((1 - t) W) A + sin(t W) B] / sin W``. Falls back to ``(1 - t) A + t B`` when a norm is 0
     or ``|cos W| > 1 - 1e-6`` (nearly parallel or anti-parallel). fp16/bf16 data is processed in
     fp32 chunks (dot products and the combination), rounded once on the write.
+
+    Source: Shoemake 1985 ("Animating rotation with quaternion curves"), per tensor as in
+    supermerger's and mergekit's ``slerp``.
     """
     _check_out(parents, out)
     a, b = _flat(parents[0]), _flat(parents[1])
