@@ -256,18 +256,29 @@ def _assert_bound_to_buffer(runner_obj) -> None:
             assert inside != (module is denoiser(pipe) and pname in refreshed), (name, pname)
 
 
-def _sanity_gate_renders_the_parents(trial_runner, layout, *, merge_vae: bool) -> None:
-    """The calibration set's parent renders (``Merger.load_parent``) are what the merged weights of
-    each parent render, seed for seed."""
+def _sanity_gate_renders_the_parents(trial_runner, layout, *, merge_vae: bool, tmp: Path) -> None:
+    """The calibration set's parent renders (``Merger.load_parent``) are each parent's own renders,
+    seed for seed: parent 0's equal a merge at alpha 0; parent 1's a merge at alpha 0 of the same
+    study with the parents swapped (components included; a merge at alpha 1 has parent 0's components
+    unless ``merge_vae``, which only SD layouts have)."""
     from optimizer.merge import MergeRecipe
     from optimizer.study.calibration import render_parents
+    from optimizer.study.runner import StudyRunner
+    from optimizer.study.storage import StudyFolder
 
+    pipe = trial_runner.renderer.pipe
+    training = [name for name, c in pipe.components.items() if isinstance(c, torch.nn.Module) and any(m.training for m in c.modules())]
+    assert not training, f"modules in training mode (dropout on: renders differ run to run): {training}"
     images, prompts = render_parents(trial_runner, count=1)
     assert images.shape[0] == 2 and prompts[0] == prompts[1]
     jobs = trial_runner.prompt_set.jobs("search")[:1]
-    for index, alpha in ((0, 0.0), (1, 1.0)):
-        trial_runner.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=alpha, merge_vae=merge_vae))
-        assert torch.equal(trial_runner.renderer.render(jobs).float().cpu()[0], images[index]), index
+    assert torch.equal(trial_runner.renderer.render(jobs), trial_runner.renderer.render(jobs))  # seeded renders repeat exactly
+    trial_runner.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=0.0, merge_vae=merge_vae))
+    assert torch.equal(trial_runner.renderer.render(jobs).float().cpu()[0], images[0])
+    config = trial_runner.config
+    swapped = StudyRunner(config.model_copy(update={"parents": list(reversed(config.parents))}), folder=StudyFolder(tmp / "swapped"))
+    swapped.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=0.0, merge_vae=merge_vae))
+    assert torch.equal(swapped.renderer.render(jobs).float().cpu()[0], images[1])
     assert not torch.equal(images[0], images[1])
 
 
@@ -306,7 +317,7 @@ def test_a_tiny_study_runs_binds_without_copies_and_exports(models, variant: str
         assert all(torch.equal(live[k], reference[k]) for k in reference), alpha
     images = trial_runner.renderer.render(trial_runner.prompt_set.jobs("search"))
     assert images.shape == (2, 3, 32, 32) and bool(torch.isfinite(images).all())
-    _sanity_gate_renders_the_parents(trial_runner, layout, merge_vae=False)
+    _sanity_gate_renders_the_parents(trial_runner, layout, merge_vae=False, tmp=tmp_path)
 
     # export: canonical single file, bare transformer, diffusers folder
     best = study.best_trial
@@ -484,3 +495,13 @@ def test_every_shipped_dit_config_builds_its_modules_and_blocks(config: str) -> 
     assert shipped_config_name(layout, list(canonical)) == config
     if architecture == "sd3":
         assert variant_of(layout, list(canonical)) == "sd3.5"
+
+
+def test_merge_vae_on_a_dit_layout_is_one_clear_line_before_anything_is_written(models, tmp_path: Path) -> None:
+    """DiT layouts have no BASE block for the components (VAE, text encoders) to take parameters from."""
+    a, b = models["sd3"]
+    files = [write_tiny_dit_single_file(tmp_path / f"{n}.safetensors", m, "sd3") for n, m in (("a", a), ("b", b))]
+    result = runner.invoke(app, ["merge", *map(str, files), "--alpha", "0.5", "--merge-vae", "-o", str(tmp_path / "m.safetensors")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "merge_vae: sd3 has no BASE block" in lines[0], result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]

@@ -100,7 +100,7 @@ def test_a_tiny_study_runs_on_every_sd_architecture_and_exports(architecture: st
             live = getattr(pipe, component).state_dict()
             ref = parent[component].state_dict()
             assert all(torch.equal(live[k], ref[k]) for k in ref if "position_ids" not in k), (alpha, component)
-    _sanity_gate_renders_the_parents(trial_runner, layout, merge_vae=True)
+    _sanity_gate_renders_the_parents(trial_runner, layout, merge_vae=True, tmp=tmp_path)
 
     best = study.best_trial
     for fmt, filename in (("safetensors", "best.safetensors"), ("diffusers", "best-diffusers")):

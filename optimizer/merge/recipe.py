@@ -119,6 +119,11 @@ class MergeRecipe(BaseModel):
         """
         m = get_method(self.method)
         m.check_parents(n_parents)
+        if self.merge_vae and layout.components and VAE_PARAMS_BLOCK not in layout.blocks:
+            raise RecipeError(
+                f"merge_vae: {layout.name} has no {VAE_PARAMS_BLOCK} block, whose parameters the components "
+                f"({', '.join(layout.components)}) would be merged with; they are copied from the first parent (leave merge_vae off)"
+            )
         wanted = m.param_names(n_parents)
         missing = [p for p in wanted if p not in self.params]
         if missing:

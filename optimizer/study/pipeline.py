@@ -131,6 +131,7 @@ def _bind(*, views, buffer: torch.Tensor, parents: LoadedParents, config_dir, me
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         if hasattr(module, "tie_weights"):
             module.tie_weights()  # T5: encoder.embed_tokens is shared.weight
+        module.eval()  # built from a config, a module is in training mode: T5's dropout (0.1) would make every render differ
         params = dict(module.named_parameters())
         left = sorted(n for n, p in params.items() if p.device.type == "meta")
         if unexpected or left:
