@@ -390,6 +390,29 @@ def test_a_study_whose_scorer_prefers_noise_stops_at_the_gate(tmp_path: Path) ->
     assert "note: calibration:" not in result.output  # no gate and nothing to normalise: no calibration renders
 
 
+
+class InterruptedScorer(NoiseLover):
+    """Ctrl-C arriving while the calibration set is scored."""
+
+    name = "interrupted"
+
+    def update(self, images, *, prompts=()):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_calibration_leaves_no_study_in_external_storage(tmp_path: Path) -> None:
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    data = _study_data(tmp_path, objectives=["tests.test_scorers:InterruptedScorer"], calibration={"prompts": 2}, storage=url)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["study", "run", str(study), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 130 and result.output.strip().splitlines()[-1] == "interrupted", result.output
+    assert not out.exists()
+    assert optuna.get_all_study_names(storage=url) == []  # the study made for this run went with it
+
 @needs_zoo
 def test_a_two_objective_study_scores_normalised_values_and_reports_its_calibration(tmp_path: Path) -> None:
     import optuna

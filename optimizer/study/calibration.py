@@ -72,11 +72,16 @@ def settle_calibration(runner, *, study: optuna.Study, new: bool, notify: Callab
     if stored is not None:
         runner.calibration = [CalibrationScores.from_dict(d) for d in stored]
     elif (config.calibration.gate and not legacy) or runner.normalise == "calibration":
-        scores = runner_calibration(runner)
+        try:
+            scores = runner_calibration(runner)
+        except BaseException:  # Ctrl-C or a failing render: a study this call made must not stay behind half set up
+            if new:
+                _delete(study)
+            raise
         failures = gate_failures(scores) if config.calibration.gate and not legacy else []
         if failures:
             if new:
-                optuna.delete_study(study_name=study.study_name, storage=study._storage)  # noqa: SLF001 - the storage the study was made in
+                _delete(study)
             raise SanityGateFailed("sanity gate: " + "; ".join(failures)
                                    + " - check the scorer's weights and options, or set calibration.gate: false")
         runner.calibration = scores
@@ -87,3 +92,8 @@ def settle_calibration(runner, *, study: optuna.Study, new: bool, notify: Callab
         for s in runner.calibration:
             margins = ", ".join(f"{k} {v:+.4g}" for k, v in s.margins.items())
             notify(f"calibration: {s.name} parents {s.parents:.4g}; margins over {margins}")
+
+
+def _delete(study: optuna.Study) -> None:
+    """Remove ``study`` from the storage it was made in (external storage outlives the study folder)."""
+    optuna.delete_study(study_name=study.study_name, storage=study._storage)  # noqa: SLF001 - the storage the study was made in
