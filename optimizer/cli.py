@@ -520,13 +520,17 @@ def export(
     trial: Annotated[str, typer.Option(help="'best' or a trial number. Pareto studies: best on held-out prompts.")] = "best",
     output_format: Annotated[str, typer.Option("--format", help="recipe, mbw, safetensors, bare (Flux/SD3 transformer alone) or diffusers.")] = "recipe",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    parents: Annotated[Path | None, typer.Option("--parents", help="Folder holding the parents (by file name; sha256 checked), when they moved.")] = None,
 ) -> None:
-    """Export a trial: replayable recipe YAML, A1111 MBW string, merged safetensors or diffusers folder."""
-    from optimizer.study.export import export_trial, pick_trial
+    """Export a trial: replayable recipe YAML, A1111 MBW string, merged safetensors or diffusers folder.
+    recipe and mbw need only the study folder; the weight formats need the parents (``--parents DIR`` if they moved)."""
+    from optimizer.study.export import export_trial, pick_trial, relocated
 
     _quiet_optuna()
     try:
         config, folder, loaded = _open_study(study)
+        if parents is not None:
+            config = relocated(config, study=loaded, directory=parents)
         runner = None
         if trial == "best" and len(loaded.directions) > 1:
             from optimizer.study.runner import StudyRunner

@@ -474,3 +474,50 @@ def test_an_fp16_study_renders_from_the_half_precision_buffer_and_exports_it_exa
     views = study_runner.merger.state_dict()  # what the best trial rendered from
     assert {v.dtype for v in saved.values()} == {torch.float16}
     assert all(torch.equal(saved[k], views[k]) for k in views)
+
+
+@needs_zoo
+def test_a_study_folder_moved_without_its_parents_exports_its_recipe_and_finds_moved_parents(tmp_path: Path) -> None:
+    """recipe and mbw come from the study alone; weight exports name the missing parent, and
+    ``--parents DIR`` finds moved parents by name with their sha256 checked."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    data = _study_data(tmp_path, budget={"trials": 1}, calibration={"gate": False}, config_dir=str(ZOO / "config"))
+    for i, parent in enumerate(data["parents"]):
+        data["parents"][i] = str(shutil.copy(parent, tmp_path / f"parent{i}.safetensors"))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["study", "run", str(tmp_path / "study.yaml"), "--out", str(out), "--no-progress"]).exit_code == 0
+    before = {fmt: tmp_path / f"before.{fmt}" for fmt in ("recipe", "mbw", "safetensors")}
+    for fmt, path in before.items():
+        assert runner.invoke(app, ["export", str(out), "--format", fmt, "-o", str(path)]).exit_code == 0
+
+    laptop = tmp_path / "laptop"
+    shutil.copytree(out, laptop / "study")
+    (laptop / "weights").mkdir()
+    for i in range(2):
+        (tmp_path / f"parent{i}.safetensors").rename(laptop / "weights" / f"parent{i}.safetensors")
+    for fmt in ("recipe", "mbw"):
+        result = runner.invoke(app, ["export", str(laptop / "study"), "--format", fmt, "-o", str(laptop / f"after.{fmt}")])
+        assert result.exit_code == 0, result.output
+        assert (laptop / f"after.{fmt}").read_bytes() == before[fmt].read_bytes()
+    cases = [([], "parent 0: " + str(tmp_path / "parent0.safetensors") + " (sha256 "),
+             (["--parents", str(laptop)], f"parent 0: {laptop} holds no parent0.safetensors")]
+    for extra, needle in cases:
+        result = runner.invoke(app, ["export", str(laptop / "study"), "--format", "safetensors", *extra, "-o", str(laptop / "x.safetensors")])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.output
+    assert sorted(p.name for p in laptop.iterdir()) == ["after.mbw", "after.recipe", "study", "weights"]  # nothing half-written
+    result = runner.invoke(app, ["export", str(laptop / "study"), "--format", "safetensors", "--parents", str(laptop / "weights"),
+                                 "-o", str(laptop / "x.safetensors")])
+    assert result.exit_code == 0, result.output
+    got, want = load_file(str(laptop / "x.safetensors")), load_file(str(before["safetensors"]))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    swapped = laptop / "swapped"
+    swapped.mkdir()
+    shutil.copy(laptop / "weights" / "parent1.safetensors", swapped / "parent0.safetensors")
+    shutil.copy(laptop / "weights" / "parent1.safetensors", swapped / "parent1.safetensors")
+    result = runner.invoke(app, ["export", str(laptop / "study"), "--format", "safetensors", "--parents", str(swapped), "-o", str(laptop / "y.safetensors")])
+    assert result.exit_code == 2 and "the study was run with" in result.output and not (laptop / "y.safetensors").exists(), result.output

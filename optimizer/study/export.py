@@ -38,11 +38,17 @@ from optimizer.merge import MergeRecipe
 from optimizer.merge_files import LoadedParents, load_parents, merge_to_file, write_merged
 from optimizer.study.config import StudyConfig
 
-__all__ = ["FORMATS", "ExportError", "export_trial", "pick_trial", "recipe_document", "replay_recipe"]
+__all__ = ["FORMATS", "PROVENANCE_ATTR", "ExportError", "export_trial", "pick_trial", "provenance", "recipe_document", "relocated",
+           "replay_recipe", "stored_provenance"]
 
 FORMATS = ("recipe", "mbw", "safetensors", "bare", "diffusers")
+#: formats written from what the study stores, without the parents' weights
+WEIGHTLESS_FORMATS = ("recipe", "mbw")
 _DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 HELD_OUT_ATTR = "held_out"
+#: study attribute: the parents' and adapters' files (path, sha256) and the bank dtype, stored at creation,
+#: so a study folder copied elsewhere exports its recipe and MBW string without the weights
+PROVENANCE_ATTR = "provenance"
 
 
 class ExportError(EvomergeError, ValueError):
@@ -85,30 +91,59 @@ def _adapter_entries(items: list[Any]) -> list[dict[str, str]]:
     return [{"name": item.resolved_name, "path": str(item.path), "sha256": sha256_file(item.path)} for item in items]
 
 
+def provenance(*, parents: LoadedParents, config: StudyConfig | None = None) -> dict[str, Any]:
+    """What a recipe document says about its inputs: architecture, bank dtype, the parents' and
+    (with ``config``) the LoRA and hypernetwork files, each with its sha256."""
+    out: dict[str, Any] = {
+        "architecture": parents.bank.layout.name,
+        "dtype": str(parents.bank.dtype).removeprefix("torch."),
+        "parents": [{"path": str(c.path), "sha256": c.sha256} for c in parents.checkpoints],
+    }
+    if config is not None and config.loras:
+        out["loras"] = _adapter_entries(config.loras)
+    if config is not None and config.hypernetworks:
+        out["hypernetworks"] = _adapter_entries(config.hypernetworks)
+    return out
+
+
+def stored_provenance(study: optuna.Study) -> dict[str, Any] | None:
+    """The provenance the study stored at creation (``None`` for studies made before it was stored)."""
+    value = study.user_attrs.get(PROVENANCE_ATTR)
+    return dict(value) if isinstance(value, dict) else None
+
+
 def recipe_document(
-    *, study: optuna.Study, trial: optuna.trial.FrozenTrial, parents: LoadedParents, config: StudyConfig | None = None
+    *, study: optuna.Study, trial: optuna.trial.FrozenTrial, parents: LoadedParents | None = None, config: StudyConfig | None = None
 ) -> dict[str, Any]:
     """The replayable recipe document of ``trial`` (see the module docstring); with ``config``, also
-    the technique, the LoRA and hypernetwork files (sha256) and the recalibration settings."""
+    the technique, the LoRA and hypernetwork files (sha256) and the recalibration settings. Without
+    ``parents``, the provenance the study stored at creation is used (no weights are read)."""
+    from optimizer.architectures.layout import load_layout
+
     recipe = MergeRecipe.model_validate(trial.user_attrs["recipe"])
-    layout = parents.bank.layout
+    if parents is not None:
+        known = provenance(parents=parents, config=config)
+    else:
+        known = stored_provenance(study)
+        if known is None:
+            raise ExportError(f"study {study.study_name!r} was made before evomerge stored its parents' hashes: the parents are needed")
+    layout = load_layout(known["architecture"])
     doc: dict[str, Any] = {
         "evomerge_recipe": 1,
         "study": study.study_name,
         "trial": trial.number,
         "values": trial.user_attrs.get("values", {}),
         "architecture": layout.name,
-        "dtype": str(parents.bank.dtype).removeprefix("torch."),
-        "parents": [{"path": str(c.path), "sha256": c.sha256} for c in parents.checkpoints],
+        "dtype": known["dtype"],
+        "parents": known["parents"],
         "recipe": recipe.model_dump(mode="json"),
         "mbw": {p: recipe.to_mbw(layout=layout, param=p) for p in recipe.params},
     }
     if config is not None:
         doc["technique"] = config.technique
-        if config.loras:
-            doc["loras"] = _adapter_entries(config.loras)
-        if config.hypernetworks:
-            doc["hypernetworks"] = _adapter_entries(config.hypernetworks)
+        for kind in ("loras", "hypernetworks"):
+            if known.get(kind):
+                doc[kind] = known[kind]
         if config.recalibrate is not None:
             doc["recalibrate"] = config.recalibrate.model_dump(mode="json")
     held = study.user_attrs.get(HELD_OUT_ATTR, {}).get(str(trial.number))
@@ -176,15 +211,28 @@ def export_trial(
     output = check_merged_output(output, output_format=output_format, overwrite=overwrite)
     if "recipe" not in trial.user_attrs:
         raise ExportError(f"trial {trial.number} has no recorded recipe")
-    if parents is None:
-        from optimizer.study.runner import default_dtype
+    stored = stored_provenance(study)
+    if parents is None and output_format in WEIGHTLESS_FORMATS and stored is not None:
+        doc = recipe_document(study=study, trial=trial, config=config)  # from the study alone: no weights read
+    else:
+        if parents is None:
+            from optimizer.study.runner import default_dtype
 
-        parents = load_parents(paths=config.parents, device=config.device, dtype=default_dtype(config), placement=config.placement,
-                               allow_nonfinite=config.allow_nonfinite)
-    doc = recipe_document(study=study, trial=trial, parents=parents, config=config)
-    for i, (path, listed) in enumerate(zip(config.parents, doc["parents"], strict=True)):
-        if Path(path).resolve() != Path(listed["path"]).resolve():
-            raise ExportError(f"parent {i}: the study file names {path}, loaded {listed['path']}")
+            missing = [(i, p) for i, p in enumerate(config.parents) if not Path(p).exists()]
+            if missing:
+                i, path = missing[0]
+                known = f" (sha256 {stored['parents'][i]['sha256'][:12]}…)" if stored is not None else ""
+                raise ExportError(f"parent {i}: {path}{known} is missing; give --parents DIR, a folder holding a file of that name")
+            parents = load_parents(paths=config.parents, device=config.device, dtype=default_dtype(config), placement=config.placement,
+                                   allow_nonfinite=config.allow_nonfinite)
+        if stored is not None:
+            for i, (want, got) in enumerate(zip(stored["parents"], parents.checkpoints, strict=True)):
+                if want["sha256"] != got.sha256:
+                    raise ExportError(f"parent {i} ({got.path}) has sha256 {got.sha256[:12]}…, the study was run with {want['sha256'][:12]}…")
+        doc = recipe_document(study=study, trial=trial, parents=parents, config=config)
+        for i, (path, listed) in enumerate(zip(config.parents, doc["parents"], strict=True)):
+            if Path(path).resolve() != Path(listed["path"]).resolve():
+                raise ExportError(f"parent {i}: the study file names {path}, loaded {listed['path']}")
     if output_format == "recipe":
         return write_text_atomic(output, yaml.safe_dump(doc, sort_keys=False))
     if output_format == "mbw":
@@ -221,6 +269,24 @@ def export_trial(
         return merge_to_file(parents=parents, recipe=recipe, output=output, output_format=output_format, config_dir=config_dir, overwrite=overwrite)
     return write_merged(state_dict=state, parents=parents, recipe=recipe, output=output, output_format=output_format,
                         config_dir=config_dir, overwrite=overwrite)
+
+
+def relocated(config: StudyConfig, *, study: optuna.Study, directory: str | os.PathLike[str]) -> StudyConfig:
+    """``config`` with each parent found in ``directory`` by its file (or folder) name; the sha256
+    stored in the study is checked when the weights are loaded. One clear error names a parent that
+    is not there."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ExportError(f"--parents {directory}: no such folder")
+    stored = stored_provenance(study)
+    moved = []
+    for i, path in enumerate(config.parents):
+        candidate = directory / Path(path).name
+        if not candidate.exists():
+            known = f", sha256 {stored['parents'][i]['sha256'][:12]}…" if stored is not None else ""
+            raise ExportError(f"parent {i}: {directory} holds no {Path(path).name} (the study ran with {path}{known})")
+        moved.append(str(candidate.resolve()))
+    return config.model_copy(update={"parents": moved})
 
 
 def held_out_table(study: optuna.Study) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from optimizer.render.grid import grid_png
 from optimizer.render.prompts import Split, load_prompt_set
 from optimizer.render.renderer import Renderer
 from optimizer.study.config import StudyConfig, StudyConfigError
+from optimizer.study.export import PROVENANCE_ATTR, provenance
 from optimizer.study.liveness import settle_trials
 from optimizer.study.pipeline import bound_pipeline, denoiser, unet_config
 from optimizer.study.samplers import make_pruner, make_sampler, process_seed
@@ -550,6 +551,8 @@ def run_study(
         study.sampler = make_sampler(config.sampler, seed=seed)
     if "architecture" not in study.user_attrs:
         study.set_user_attr("architecture", runner.space.layout.name)
+    if isinstance(runner, StudyRunner) and PROVENANCE_ATTR not in study.user_attrs and new:
+        study.set_user_attr(PROVENANCE_ATTR, provenance(parents=runner.parents, config=config))
     if new and config.warm_start:
         for params in warm_start_params(runner.space, config.warm_start):
             study.enqueue_trial(params, skip_if_exists=True)
