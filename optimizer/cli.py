@@ -545,6 +545,30 @@ def export(
 
 
 @app.command()
+def replay(
+    recipe: Annotated[Path, typer.Argument(help="A recipe document (evomerge export --format recipe).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (or folder for diffusers).")],
+    output_format: Annotated[str, typer.Option("--format", help="safetensors, bare (Flux/SD3 transformer alone) or diffusers.")] = "safetensors",
+    parents: Annotated[Path | None, typer.Option("--parents", help="Folder holding the parents and LoRAs (by file name; sha256 checked), when they moved.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Component configs for a diffusers folder or LoRA mapping (default: the recipe's).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Merge a recipe document into weights, as `export` did for its trial: same parents (sha256),
+    seed, LoRAs and recalibration; the same safetensors bytes."""
+    from optimizer.study.export import load_recipe_document
+    from optimizer.study.replay import replay_to_file
+
+    try:
+        doc = load_recipe_document(recipe)
+        written = replay_to_file(doc, output=output, output_format=output_format, parents_dir=parents, config_dir=config, device=device,
+                                 overwrite=overwrite)
+    except _study_errors() as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{recipe} -> {written}")
+
+
+@app.command()
 def dashboard(
     study: Annotated[Path, typer.Argument(help="Study folder (or its study file).")],
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8080,

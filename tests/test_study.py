@@ -521,3 +521,15 @@ def test_a_study_folder_moved_without_its_parents_exports_its_recipe_and_finds_m
     shutil.copy(laptop / "weights" / "parent1.safetensors", swapped / "parent1.safetensors")
     result = runner.invoke(app, ["export", str(laptop / "study"), "--format", "safetensors", "--parents", str(swapped), "-o", str(laptop / "y.safetensors")])
     assert result.exit_code == 2 and "the study was run with" in result.output and not (laptop / "y.safetensors").exists(), result.output
+
+    # evomerge replay: the recipe alone (parents found by name) gives the exported bytes
+    result = runner.invoke(app, ["replay", str(laptop / "after.recipe"), "-o", str(laptop / "replayed.safetensors")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1 and "parent 0: " in result.output and "--parents DIR" in result.output
+    result = runner.invoke(app, ["replay", str(laptop / "after.recipe"), "--parents", str(swapped), "-o", str(laptop / "replayed.safetensors")])
+    assert result.exit_code == 2 and "the recipe was made with" in result.output and not (laptop / "replayed.safetensors").exists()
+    result = runner.invoke(app, ["replay", str(laptop / "after.recipe"), "--parents", str(laptop / "weights"), "-o", str(laptop / "replayed.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert (laptop / "replayed.safetensors").read_bytes() == before["safetensors"].read_bytes()
+    (laptop / "bad.yaml").write_text("evomerge_recipe: 1\nparents: []\n")
+    result = runner.invoke(app, ["replay", str(laptop / "bad.yaml"), "-o", str(laptop / "z.safetensors")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1 and "not an evomerge recipe document" in result.output

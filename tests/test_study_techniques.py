@@ -80,6 +80,7 @@ def test_lora_strengths_are_search_dimensions_replayed_and_exported(tmp_path: Pa
     assert any(not torch.equal(saved[k], v) for k, v in runner.merger.state_dict().items())  # the LoRA is in the file
     doc = yaml.safe_load(export_trial(study=study, config=config, trial=best, output_format="recipe", output=tmp_path / "best.yaml").read_text())
     assert doc["loras"][0]["name"] == "rnd" and len(doc["loras"][0]["sha256"]) == 64
+    _replays_to_the_same_bytes(tmp_path / "best.yaml", out, tmp_path / "replayed.safetensors")
 
 
 def test_a_lora_strength_that_adds_nothing_is_reported_and_not_searched(tmp_path: Path) -> None:
@@ -202,6 +203,22 @@ def test_recalibration_meets_the_interpolated_parent_statistics_and_is_exported(
     assert all(torch.equal(saved[k], v) for k, v in runner.merger.state_dict().items())
     with safe_open(str(out), "pt") as handle:
         assert "alpha" in handle.metadata()["sd_merge_recipe"]
+    recipe = export_trial(study=study, config=config, trial=study.best_trial, output_format="recipe", output=tmp_path / "best.yaml")
+    assert yaml.safe_load(recipe.read_text())["study_file"]["recalibrate"] is not None
+    _replays_to_the_same_bytes(recipe, out, tmp_path / "replayed.safetensors")
+
+
+def _replays_to_the_same_bytes(recipe: Path, exported: Path, output: Path) -> None:
+    """``evomerge replay`` of the exported recipe writes the exported checkpoint's bytes."""
+    import hashlib
+
+    from typer.testing import CliRunner
+
+    from optimizer.cli import app
+
+    result = CliRunner().invoke(app, ["replay", str(recipe), "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    assert hashlib.sha256(output.read_bytes()).hexdigest() == hashlib.sha256(exported.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize(

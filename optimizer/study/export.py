@@ -144,8 +144,11 @@ def recipe_document(
         for kind in ("loras", "hypernetworks"):
             if known.get(kind):
                 doc[kind] = known[kind]
+        if config.config_dir is not None:
+            doc["config_dir"] = str(config.config_dir)
         if config.recalibrate is not None:
             doc["recalibrate"] = config.recalibrate.model_dump(mode="json")
+            doc["study_file"] = config.model_dump(mode="json")  # the recalibrated norms depend on its prompts and renderer
     held = study.user_attrs.get(HELD_OUT_ATTR, {}).get(str(trial.number))
     if held is not None:
         doc["held_out"] = held
