@@ -108,9 +108,11 @@ def load_parents(
     device: str | torch.device | None = "auto",
     placement: str = "device",
     allow_nonfinite: bool = False,
+    minimum: int = 2,
 ) -> LoadedParents:
     """Load parent checkpoints, check they can be merged, and build the bank: on the device
     (``placement="device"``), or in host memory streamed to the device per merge (``"host"``).
+    ``minimum=1`` loads one checkpoint as a bank of one (to render it, not to merge it).
 
     A parent holding NaN or infinite values is refused (the error names its file and keys: a
     merge would spread them into the output) unless ``allow_nonfinite``.
@@ -118,7 +120,8 @@ def load_parents(
     The returned checkpoints keep path, hashes and metadata but no tensors: the bank holds the
     only copy of the weights.
     """
-    check_parent_count(len(paths))
+    if minimum >= 2 or not paths:
+        check_parent_count(len(paths))
     if placement not in ("device", "host"):
         raise CheckpointError(f"unknown bank placement {placement!r}; use device or host")
     target = parse_dtype(dtype)
@@ -153,15 +156,25 @@ def default_config_dir(parents: LoadedParents) -> Path:
     folder (diffusers), or its zoo's ``config/`` (a zoo model in its zoo), else the shipped config
     of the architecture."""
     first = parents.checkpoints[0]
-    if first.source_format == "diffusers":
-        return Path(first.path)
-    zoo = Path(first.path).resolve().parent.parent
-    if (zoo / "manifest.json").is_file() and (zoo / "config" / "model_index.json").is_file():
-        return zoo / "config"
+    own = own_config_dir(first.path)
+    if own is not None:
+        return own
     from optimizer.architectures.detect import shipped_config_name
     from optimizer.checkpoint.config_dir import diffusers_config_dir
 
     return Path(diffusers_config_dir(shipped_config_name(parents.bank.layout, parents.bank.keys)))
+
+
+def own_config_dir(path: str | os.PathLike[str]) -> Path | None:
+    """The config folder a checkpoint brings along, found from its path alone: a diffusers folder
+    is its own; a zoo model inside its zoo uses the zoo's ``config/``; else ``None``."""
+    path = Path(path)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return path
+    zoo = path.resolve().parent.parent
+    if (zoo / "manifest.json").is_file() and (zoo / "config" / "model_index.json").is_file():
+        return zoo / "config"
+    return None
 
 
 def config_hint(parents: LoadedParents) -> str:

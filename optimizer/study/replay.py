@@ -18,7 +18,7 @@ from typing import Any
 
 from optimizer.study.export import ExportError, replay_recipe
 
-__all__ = ["replay_to_file"]
+__all__ = ["located_parents", "replay_to_file"]
 
 
 def _located(entries: list[dict[str, Any]], *, directory: Path | None, what: str) -> list[str]:
@@ -33,6 +33,11 @@ def _located(entries: list[dict[str, Any]], *, directory: Path | None, what: str
             raise ExportError(f"{what} {i}: {path} (sha256 {entry['sha256'][:12]}…) is missing{hint}")
         out.append(str(path))
     return out
+
+
+def located_parents(doc: dict[str, Any], *, directory: str | os.PathLike[str] | None = None) -> list[str]:
+    """The recipe's parent files: where it says, or by file name in ``directory``; one clear error for a missing one."""
+    return _located(doc["parents"], directory=None if directory is None else Path(directory), what="parent")
 
 
 def _checked_adapters(entries: list[dict[str, Any]], *, directory: Path | None, kind: str) -> list[tuple[str, str]]:
