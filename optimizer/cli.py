@@ -621,6 +621,29 @@ def _split(split: str) -> str:
     return split
 
 
+@app.command("extract-lora")
+def extract_lora(
+    merged: Annotated[Path, typer.Argument(help="The merged checkpoint (file or diffusers folder).")],
+    base: Annotated[Path, typer.Argument(help="The base it should apply to.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The LoRA (.safetensors, kohya format).")],
+    rank: Annotated[int, typer.Option(min=1, help="Rank per layer (the best rank-R approximation of each layer's change).")] = 32,
+    config: Annotated[Path | None, typer.Option("--config", help="Diffusers config folder (names the UNet modules).")] = None,
+    dtype: Annotated[str, typer.Option(help="fp16, bf16 or fp32 for the stored factors.")] = "fp16",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N (the SVDs run there).")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Extract the difference MERGED - BASE as a LoRA: per-layer SVD, conv layers included."""
+    from optimizer.extract_files import extract_lora_file
+
+    try:
+        written, summary = extract_lora_file(merged=merged, base=base, rank=rank, output=output, config_dir=config, dtype=dtype, device=device,
+                                             overwrite=overwrite)
+    except (*_study_errors(), EvomergeError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{summary['layers']} layers at rank {summary['rank']} -> {written} (relative error per layer: mean {summary['mean_relative_error']:.3g}, "
+               f"max {summary['max_relative_error']:.3g}; {summary['not_captured']} changed tensors a LoRA cannot hold)")
+
+
 @app.command()
 def dashboard(
     study: Annotated[Path, typer.Argument(help="Study folder (or its study file).")],

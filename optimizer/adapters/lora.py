@@ -67,6 +67,9 @@ class LoraTargets:
     index: Mapping[tuple[str, str], str]
     shapes: Mapping[str, tuple[int, ...]]
     pieces: Mapping[tuple[str, str], Pieces] = field(default_factory=dict)
+    #: weight key -> the kohya name a LoRA file written for this model uses (diffusers module paths
+    #: for a UNet and HF text towers, as kohya's sd-scripts; canonical module names for DiT records)
+    kohya_names: Mapping[str, str] = field(default_factory=dict)
 
     def resolve(self, layer: LoraFactors) -> str | None:
         return self.index.get((layer.component, layer.module))
@@ -91,6 +94,7 @@ def lora_targets(*, architecture: str, shapes: Mapping[str, Sequence[int]], unet
 
     shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
     index: dict[tuple[str, str], str] = {}
+    names: dict[str, str] = {}
     mapper = _unet_mapper(unet_config)
     for key in _empty_model("unet", unet_config).state_dict():
         if not key.endswith(".weight"):
@@ -103,6 +107,7 @@ def lora_targets(*, architecture: str, shapes: Mapping[str, Sequence[int]], unet
         for module in (diffusers_module, ldm_module):
             index[("unet", module)] = ldm
             index[("kohya", _kohya("lora_unet_", module))] = ldm
+        names[ldm] = _kohya("lora_unet_", diffusers_module)
     for component, prefix, kohya_prefix in _text_towers(architecture):
         for ldm in shapes:
             if not (ldm.startswith(prefix) and ldm.endswith(".weight")):
@@ -113,7 +118,8 @@ def lora_targets(*, architecture: str, shapes: Mapping[str, Sequence[int]], unet
             index[(component, short)] = ldm
             index[("kohya", _kohya(kohya_prefix, module))] = ldm
             index[("kohya", _kohya(kohya_prefix, short))] = ldm
-    return LoraTargets(architecture=architecture, index=index, shapes=shapes)
+            names[ldm] = _kohya(kohya_prefix, module)
+    return LoraTargets(architecture=architecture, index=index, shapes=shapes, kohya_names=names)
 
 
 @dataclass(frozen=True)
@@ -320,6 +326,7 @@ def dit_lora_targets(*, layout: BlockLayout, shapes: Mapping[str, Sequence[int]]
     shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
     rules = _rules_of(layout)
     index: dict[tuple[str, str], str] = {}
+    names: dict[str, str] = {}
     pieces: dict[tuple[str, str], Pieces] = {}
     towers = [m for m in layout.spec.modules if m.scheme == "rename"]
     denoisers = [m for m in layout.spec.modules if m.scheme == "key_rules"]
@@ -333,6 +340,7 @@ def dit_lora_targets(*, layout: BlockLayout, shapes: Mapping[str, Sequence[int]]
             name = rel[: -len(".weight")]
             for alias in (("unet", name), ("unet", "diffusion_model." + name), ("kohya", _kohya("lora_unet_", name))):
                 index[alias] = key
+            names[key] = _kohya("lora_unet_", name)
             meta = torch.empty(shape, device="meta")
             converted, new = rules.to_diffusers({rel: meta})
             for diffusers_key, tensor in converted.items():
@@ -352,7 +360,8 @@ def dit_lora_targets(*, layout: BlockLayout, shapes: Mapping[str, Sequence[int]]
             for alias in ((module.name, name), (module.name, short), ("kohya", _kohya(f"lora_te{i}_", name)),
                           ("kohya", _kohya(f"lora_te{i}_", short))):
                 index[alias] = key
-    return LoraTargets(architecture=layout.name, index=index, shapes=shapes, pieces=pieces)
+            names[key] = _kohya(f"lora_te{i}_", name)
+    return LoraTargets(architecture=layout.name, index=index, shapes=shapes, pieces=pieces, kohya_names=names)
 
 
 def load_loras(
