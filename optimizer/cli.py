@@ -518,7 +518,7 @@ def export(
     study: Annotated[Path, typer.Argument(help="Study folder (or its study file).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file (or folder for diffusers).")],
     trial: Annotated[str, typer.Option(help="'best' or a trial number. Pareto studies: best on held-out prompts.")] = "best",
-    output_format: Annotated[str, typer.Option("--format", help="recipe, mbw, safetensors, bare (Flux/SD3 transformer alone) or diffusers.")] = "recipe",
+    output_format: Annotated[str, typer.Option("--format", help="recipe, mbw, mecha (sd-mecha), safetensors, bare (Flux/SD3 transformer alone) or diffusers.")] = "recipe",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     parents: Annotated[Path | None, typer.Option("--parents", help="Folder holding the parents (by file name; sha256 checked), when they moved.")] = None,
 ) -> None:

@@ -503,6 +503,10 @@ def test_a_study_folder_moved_without_its_parents_exports_its_recipe_and_finds_m
         result = runner.invoke(app, ["export", str(laptop / "study"), "--format", fmt, "-o", str(laptop / f"after.{fmt}")])
         assert result.exit_code == 0, result.output
         assert (laptop / f"after.{fmt}").read_bytes() == before[fmt].read_bytes()
+    result = runner.invoke(app, ["export", str(laptop / "study"), "--format", "mecha", "-o", str(laptop / "zoo.mecha")])
+    assert result.exit_code == 2 and "sd-mecha opens the parents it names" in result.output, result.output
+    result = runner.invoke(app, ["export", str(laptop / "study"), "--format", "mecha", "--parents", str(laptop / "weights"), "-o", str(laptop / "zoo.mecha")])
+    assert result.exit_code == 2 and "lacks" in result.output and "sd-mecha's sd1-ldm config" in result.output, result.output  # zoo models are not SD1-sized
     cases = [([], "parent 0: " + str(tmp_path / "parent0.safetensors") + " (sha256 "),
              (["--parents", str(laptop)], f"parent 0: {laptop} holds no parent0.safetensors")]
     for extra, needle in cases:

@@ -41,9 +41,9 @@ from optimizer.study.config import StudyConfig
 __all__ = ["FORMATS", "PROVENANCE_ATTR", "ExportError", "export_trial", "pick_trial", "provenance", "recipe_document", "relocated",
            "replay_recipe", "stored_provenance"]
 
-FORMATS = ("recipe", "mbw", "safetensors", "bare", "diffusers")
+FORMATS = ("recipe", "mbw", "mecha", "safetensors", "bare", "diffusers")
 #: formats written from what the study stores, without the parents' weights
-WEIGHTLESS_FORMATS = ("recipe", "mbw")
+WEIGHTLESS_FORMATS = ("recipe", "mbw", "mecha")  # mecha reads the parents' key lists, not their weights
 _DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 HELD_OUT_ATTR = "held_out"
 #: study attribute: the parents' and adapters' files (path, sha256) and the bank dtype, stored at creation,
@@ -238,6 +238,16 @@ def export_trial(
                 raise ExportError(f"parent {i}: the study file names {path}, loaded {listed['path']}")
     if output_format == "recipe":
         return write_text_atomic(output, yaml.safe_dump(doc, sort_keys=False))
+    if output_format == "mecha":
+        from optimizer.architectures.layout import load_layout
+        from optimizer.study.mecha import mecha_text
+
+        paths = [str(p) for p in config.parents]  # where they are now (--parents DIR relocates them)
+        for i, path in enumerate(paths):
+            if not Path(path).exists():
+                raise ExportError(f"parent {i}: {path} is missing (sd-mecha opens the parents it names); give --parents DIR")
+        text = mecha_text(recipe=MergeRecipe.model_validate(doc["recipe"]), layout=load_layout(doc["architecture"]), parent_paths=paths)
+        return write_text_atomic(output, text)
     if output_format == "mbw":
         lines = [f"# study {study.study_name}, trial {trial.number}, method {doc['recipe']['method']}"]
         lines += [f"{param}: {value}" for param, value in doc["mbw"].items()]
