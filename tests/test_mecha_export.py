@@ -18,13 +18,11 @@ from optimizer.study.mecha import EXPORTED, mecha_text
 sd_mecha = pytest.importorskip("sd_mecha")
 
 
-class _NoBar:  # sd-mecha wants a tqdm-like factory
-    def __init__(self, *a, **k): pass
-    def __enter__(self): return self
-    def __exit__(self, *exc): return False
-    def update(self, *a, **k): pass
-    def set_postfix(self, *a, **k): pass
-    def close(self): pass
+def _quiet_bar(*args, **kwargs):
+    """sd-mecha's progress bar, switched off."""
+    from tqdm import tqdm
+
+    return tqdm(*args, **{**kwargs, "disable": True})
 
 
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])
@@ -71,7 +69,7 @@ def test_sd_mecha_merges_the_exported_recipe_into_evomerges_merge(parents: dict,
     text = mecha_text(recipe=recipe, layout=layout, parent_paths=parents["files"][:n])
     (tmp_path / "best.mecha").write_text(text)
     merged = sd_mecha.merge(sd_mecha.deserialize_path(tmp_path / "best.mecha"), merge_device="cpu", merge_dtype=torch.float32,
-                            output_device="cpu", output_dtype=torch.float32, tqdm=_NoBar)
+                            output_device="cpu", output_dtype=torch.float32, tqdm=_quiet_bar)
     ours = merge_state_dicts_reference(state_dicts=parents["dicts"][:n], layout=layout, recipe=recipe)
     compared = 0
     missing = [k for k in ours if k not in merged]
