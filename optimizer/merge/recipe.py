@@ -31,6 +31,15 @@ from optimizer.merge.methods import MergeMethod, get_method
 VAE_PARAMS_BLOCK = "BASE"
 
 
+def merge_vae_problem(layout: BlockLayout) -> str | None:
+    """Why ``merge_vae`` cannot apply to ``layout`` (its components take the parameters of the
+    :data:`VAE_PARAMS_BLOCK` block, which DiT layouts lack), or ``None``."""
+    if layout.components and VAE_PARAMS_BLOCK not in layout.blocks:
+        return (f"merge_vae: {layout.name} has no {VAE_PARAMS_BLOCK} block, whose parameters the components "
+                f"({', '.join(layout.components)}) would be merged with; they are copied from the first parent (leave merge_vae off)")
+    return None
+
+
 class MergeRecipe(BaseModel):
     """Method name, ``params[param][block]``, seed for stochastic methods, VAE handling."""
 
@@ -119,11 +128,9 @@ class MergeRecipe(BaseModel):
         """
         m = get_method(self.method)
         m.check_parents(n_parents)
-        if self.merge_vae and layout.components and VAE_PARAMS_BLOCK not in layout.blocks:
-            raise RecipeError(
-                f"merge_vae: {layout.name} has no {VAE_PARAMS_BLOCK} block, whose parameters the components "
-                f"({', '.join(layout.components)}) would be merged with; they are copied from the first parent (leave merge_vae off)"
-            )
+        problem = merge_vae_problem(layout) if self.merge_vae else None
+        if problem:
+            raise RecipeError(problem)
         wanted = m.param_names(n_parents)
         missing = [p for p in wanted if p not in self.params]
         if missing:

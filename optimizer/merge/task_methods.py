@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from optimizer.merge.methods import (
-    CHUNK_ELEMENTS,
     MULTIPLIER,
     ParamRange,
     _check_out,
+    _chunks,
     _compute_dtype,
     _flat,
     merge_method,
@@ -48,8 +48,7 @@ def elementwise_in_chunks(parents: Sequence[Tensor], out: Tensor, formula: Calla
     flats = [_flat(p) for p in parents]
     target = _flat(out) if out.is_contiguous() else torch.empty(out.numel(), dtype=out.dtype, device=out.device)
     cdt = _compute_dtype(out)
-    for start in range(0, target.numel(), CHUNK_ELEMENTS):
-        s = slice(start, min(start + CHUNK_ELEMENTS, target.numel()))
+    for s in _chunks(target.numel()):
         target[s].copy_(formula(*(f[s].to(cdt) for f in flats)))
     if not out.is_contiguous():
         out.copy_(target.view(out.shape))

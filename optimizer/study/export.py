@@ -175,14 +175,27 @@ def replay_recipe(doc: dict[str, Any], *, parent_paths: list[str] | None = None,
     if len(paths) != len(listed):
         raise ExportError(f"the recipe has {len(listed)} parents, {len(paths)} paths were given")
     parents = load_parents(paths=paths, device=device, dtype=dtype or _DTYPES.get(doc.get("dtype", "")))
-    for i, (want, got) in enumerate(zip(listed, parents.checkpoints, strict=True)):
-        if want["sha256"] != got.sha256:
-            raise ExportError(f"parent {i} ({got.path}) has sha256 {got.sha256[:12]}…, the recipe was made with {want['sha256'][:12]}…")
+    check_hashes(listed, parents, made="the recipe was made with")
     try:
         recipe = MergeRecipe.model_validate(doc["recipe"])
     except ValueError as exc:
         raise ExportError(f"the recipe is invalid: {exc}") from None
     return parents, recipe
+
+
+def check_hashes(listed: list[dict[str, Any]], parents: LoadedParents, *, made: str) -> None:
+    """:class:`ExportError` for the first loaded parent whose sha256 is not the one ``listed`` records."""
+    for i, (want, got) in enumerate(zip(listed, parents.checkpoints, strict=True)):
+        if want["sha256"] != got.sha256:
+            raise ExportError(f"parent {i} ({got.path}) has sha256 {got.sha256[:12]}…, {made} {want['sha256'][:12]}…")
+
+
+def _require_parents(config: StudyConfig, stored: dict[str, Any] | None, *, why: str) -> None:
+    """:class:`ExportError` naming the first parent of ``config`` that is not on disk (with its stored sha256)."""
+    for i, path in enumerate(config.parents):
+        if not Path(path).exists():
+            known = f" (sha256 {stored['parents'][i]['sha256'][:12]}…)" if stored is not None else ""
+            raise ExportError(f"parent {i}: {path}{known} is missing{why}; give --parents DIR, a folder holding a file of that name")
 
 
 def export_trial(
@@ -221,17 +234,11 @@ def export_trial(
         if parents is None:
             from optimizer.study.runner import default_dtype
 
-            missing = [(i, p) for i, p in enumerate(config.parents) if not Path(p).exists()]
-            if missing:
-                i, path = missing[0]
-                known = f" (sha256 {stored['parents'][i]['sha256'][:12]}…)" if stored is not None else ""
-                raise ExportError(f"parent {i}: {path}{known} is missing; give --parents DIR, a folder holding a file of that name")
+            _require_parents(config, stored, why="")
             parents = load_parents(paths=config.parents, device=config.device, dtype=default_dtype(config), placement=config.placement,
                                    allow_nonfinite=config.allow_nonfinite)
         if stored is not None:
-            for i, (want, got) in enumerate(zip(stored["parents"], parents.checkpoints, strict=True)):
-                if want["sha256"] != got.sha256:
-                    raise ExportError(f"parent {i} ({got.path}) has sha256 {got.sha256[:12]}…, the study was run with {want['sha256'][:12]}…")
+            check_hashes(stored["parents"], parents, made="the study was run with")
         doc = recipe_document(study=study, trial=trial, parents=parents, config=config)
         for i, (path, listed) in enumerate(zip(config.parents, doc["parents"], strict=True)):
             if Path(path).resolve() != Path(listed["path"]).resolve():
@@ -242,11 +249,9 @@ def export_trial(
         from optimizer.architectures.layout import load_layout
         from optimizer.study.mecha import mecha_text
 
-        paths = [str(p) for p in config.parents]  # where they are now (--parents DIR relocates them)
-        for i, path in enumerate(paths):
-            if not Path(path).exists():
-                raise ExportError(f"parent {i}: {path} is missing (sd-mecha opens the parents it names); give --parents DIR")
-        text = mecha_text(recipe=MergeRecipe.model_validate(doc["recipe"]), layout=load_layout(doc["architecture"]), parent_paths=paths)
+        _require_parents(config, stored, why=" (sd-mecha opens the parents it names)")  # where they are now (--parents DIR relocates them)
+        text = mecha_text(recipe=MergeRecipe.model_validate(doc["recipe"]), layout=load_layout(doc["architecture"]),
+                          parent_paths=[str(p) for p in config.parents])
         return write_text_atomic(output, text)
     if output_format == "mbw":
         lines = [f"# study {study.study_name}, trial {trial.number}, method {doc['recipe']['method']}"]

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from optimizer.architectures.layout import BlockLayout
 from optimizer.architectures.mbw import parse_mbw
-from optimizer.merge import VAE_PARAMS_BLOCK, MergeRecipe, get_method
+from optimizer.merge import MergeRecipe, get_method
+from optimizer.merge.recipe import merge_vae_problem
 from optimizer.study.config import ParamSpace, StudyConfigError, WarmStart
 
 __all__ = ["BoundSpace", "Dimension", "bind_space", "inert_dimensions", "pin_dimensions", "suggest_recipe", "warm_start_params"]
@@ -133,9 +134,9 @@ def bind_space(
     merge_method = get_method(method)
     wanted = merge_method.param_names(n_parents)
     blocks = tuple(layout.blocks)
-    if merge_vae and layout.components and VAE_PARAMS_BLOCK not in blocks:
-        raise StudyConfigError(f"merge_vae: {layout.name} has no {VAE_PARAMS_BLOCK} block, whose parameters the components "
-                               f"({', '.join(layout.components)}) would be merged with; leave merge_vae off (they are the first parent's)")
+    problem = merge_vae_problem(layout) if merge_vae else None
+    if problem:
+        raise StudyConfigError(problem)
     dimensions: list[Dimension] = []
     constants: dict[str, dict[str, float]] = {}
     for param, spec in space.items():
