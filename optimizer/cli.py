@@ -518,12 +518,12 @@ def export(
     study: Annotated[Path, typer.Argument(help="Study folder (or its study file).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file (or folder for diffusers).")],
     trial: Annotated[str, typer.Option(help="'best' or a trial number. Pareto studies: best on held-out prompts.")] = "best",
-    output_format: Annotated[str, typer.Option("--format", help="recipe, mbw, mecha (sd-mecha), safetensors, bare (Flux/SD3 transformer alone) or diffusers.")] = "recipe",
+    output_format: Annotated[str, typer.Option("--format", help="recipe, mbw, mecha (sd-mecha), comfyui (ComfyUI workflow), safetensors, bare (Flux/SD3 transformer alone) or diffusers.")] = "recipe",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     parents: Annotated[Path | None, typer.Option("--parents", help="Folder holding the parents (by file name; sha256 checked), when they moved.")] = None,
 ) -> None:
     """Export a trial: replayable recipe YAML, A1111 MBW string, merged safetensors or diffusers folder.
-    recipe and mbw need only the study folder; the weight formats need the parents (``--parents DIR`` if they moved)."""
+    recipe, mbw, mecha and comfyui need only the study folder; the weight formats need the parents (``--parents DIR`` if they moved)."""
     from optimizer.study.export import export_trial, pick_trial, relocated
 
     _quiet_optuna()

@@ -478,7 +478,7 @@ def test_an_fp16_study_renders_from_the_half_precision_buffer_and_exports_it_exa
 
 @needs_zoo
 def test_a_study_folder_moved_without_its_parents_exports_its_recipe_and_finds_moved_parents(tmp_path: Path) -> None:
-    """recipe and mbw come from the study alone; weight exports name the missing parent, and
+    """recipe, mbw and the ComfyUI workflow come from the study alone; weight exports name the missing parent, and
     ``--parents DIR`` finds moved parents by name with their sha256 checked."""
     import shutil
 
@@ -490,7 +490,7 @@ def test_a_study_folder_moved_without_its_parents_exports_its_recipe_and_finds_m
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     assert runner.invoke(app, ["study", "run", str(tmp_path / "study.yaml"), "--out", str(out), "--no-progress"]).exit_code == 0
-    before = {fmt: tmp_path / f"before.{fmt}" for fmt in ("recipe", "mbw", "safetensors")}
+    before = {fmt: tmp_path / f"before.{fmt}" for fmt in ("recipe", "mbw", "comfyui", "safetensors")}
     for fmt, path in before.items():
         assert runner.invoke(app, ["export", str(out), "--format", fmt, "-o", str(path)]).exit_code == 0
 
@@ -499,7 +499,7 @@ def test_a_study_folder_moved_without_its_parents_exports_its_recipe_and_finds_m
     (laptop / "weights").mkdir()
     for i in range(2):
         (tmp_path / f"parent{i}.safetensors").rename(laptop / "weights" / f"parent{i}.safetensors")
-    for fmt in ("recipe", "mbw"):
+    for fmt in ("recipe", "mbw", "comfyui"):
         result = runner.invoke(app, ["export", str(laptop / "study"), "--format", fmt, "-o", str(laptop / f"after.{fmt}")])
         assert result.exit_code == 0, result.output
         assert (laptop / f"after.{fmt}").read_bytes() == before[fmt].read_bytes()
@@ -513,7 +513,7 @@ def test_a_study_folder_moved_without_its_parents_exports_its_recipe_and_finds_m
         result = runner.invoke(app, ["export", str(laptop / "study"), "--format", "safetensors", *extra, "-o", str(laptop / "x.safetensors")])
         lines = result.output.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.output
-    assert sorted(p.name for p in laptop.iterdir()) == ["after.mbw", "after.recipe", "study", "weights"]  # nothing half-written
+    assert sorted(p.name for p in laptop.iterdir()) == ["after.comfyui", "after.mbw", "after.recipe", "study", "weights"]  # nothing half-written
     result = runner.invoke(app, ["export", str(laptop / "study"), "--format", "safetensors", "--parents", str(laptop / "weights"),
                                  "-o", str(laptop / "x.safetensors")])
     assert result.exit_code == 0, result.output

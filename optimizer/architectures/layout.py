@@ -129,6 +129,35 @@ class _Variant(BaseModel):
     diffusers_config: str | None = None
 
 
+class _ComfyInput(BaseModel):
+    """One float input of ComfyUI's merge node and the evomerge block whose alpha it carries;
+    with ``count``, ``{i}`` in both names runs over ``range(count)``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    input: str
+    block: str
+    count: int | None = Field(default=None, ge=1)
+
+    def expand(self) -> list[tuple[str, str]]:
+        if self.count is None:
+            return [(self.input, self.block)]
+        return [(self.input.format(i=i), self.block.format(i=i)) for i in range(self.count)]
+
+
+class _ComfyUI(BaseModel):
+    """The architecture's ComfyUI model-specific merge node (``comfy_extras/nodes_model_merging_model_specific.py``):
+    its float inputs in the node's order, and the block whose alpha ``CLIPMergeSimple`` gets (the text encoders)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    node: str
+    inputs: tuple[_ComfyInput, ...] = Field(min_length=1)
+    clip: str | None = None
+
+    def expanded(self) -> list[tuple[str, str]]:
+        """``(ComfyUI input name, evomerge block)`` in the node's input order."""
+        return [pair for item in self.inputs for pair in item.expand()]
+
+
 class LayoutSpec(BaseModel):
     """The validated content of an architecture record (``layouts/<name>.yaml``)."""
 
@@ -160,6 +189,8 @@ class LayoutSpec(BaseModel):
     variants: tuple[_Variant, ...] = ()
     #: the LoRA block-weight layout of ``optimizer/adapters/layouts`` (None: no LBW presets)
     lbw_layout: str | None = None
+    #: ComfyUI's merge node for this architecture (``export --format comfyui``); None: no such node
+    comfyui: _ComfyUI | None = None
 
     @field_validator("inference_unused", "ignore")
     @classmethod
@@ -190,6 +221,11 @@ class LayoutSpec(BaseModel):
         clash = component_names & set(self.blocks)
         if clash:
             raise ValueError(f"component names clash with block names: {sorted(clash)}")
+        if self.comfyui is not None:
+            named = [b for _, b in self.comfyui.expanded()] + ([self.comfyui.clip] if self.comfyui.clip else [])
+            unknown = sorted({b for b in named if b not in self.blocks})
+            if unknown:
+                raise ValueError(f"comfyui names unknown blocks: {unknown}")
         return self
 
 

@@ -1,4 +1,4 @@
-"""Exporting a trial: recipe YAML (replayable), A1111 MBW string, merged safetensors, diffusers folder.
+"""Exporting a trial: recipe YAML (replayable), A1111 MBW string, sd-mecha recipe, ComfyUI workflow, merged safetensors, diffusers folder.
 
 The recipe document (``format: recipe``) is what replays a trial bit for bit::
 
@@ -41,9 +41,9 @@ from optimizer.study.config import StudyConfig
 __all__ = ["FORMATS", "PROVENANCE_ATTR", "ExportError", "export_trial", "pick_trial", "provenance", "recipe_document", "relocated",
            "replay_recipe", "stored_provenance"]
 
-FORMATS = ("recipe", "mbw", "mecha", "safetensors", "bare", "diffusers")
+FORMATS = ("recipe", "mbw", "mecha", "comfyui", "safetensors", "bare", "diffusers")
 #: formats written from what the study stores, without the parents' weights
-WEIGHTLESS_FORMATS = ("recipe", "mbw", "mecha")  # mecha reads the parents' key lists, not their weights
+WEIGHTLESS_FORMATS = ("recipe", "mbw", "mecha", "comfyui")  # mecha reads the parents' key lists, not their weights
 _DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 HELD_OUT_ATTR = "held_out"
 #: study attribute: the parents' and adapters' files (path, sha256) and the bank dtype, stored at creation,
@@ -252,6 +252,13 @@ def export_trial(
         _require_parents(config, stored, why=" (sd-mecha opens the parents it names)")  # where they are now (--parents DIR relocates them)
         text = mecha_text(recipe=MergeRecipe.model_validate(doc["recipe"]), layout=load_layout(doc["architecture"]),
                           parent_paths=[str(p) for p in config.parents])
+        return write_text_atomic(output, text)
+    if output_format == "comfyui":
+        from optimizer.architectures.layout import load_layout
+        from optimizer.study.comfyui import comfyui_text
+
+        text = comfyui_text(recipe=MergeRecipe.model_validate(doc["recipe"]), layout=load_layout(doc["architecture"]),
+                            parent_paths=[str(p) for p in config.parents], doc=doc)
         return write_text_atomic(output, text)
     if output_format == "mbw":
         lines = [f"# study {study.study_name}, trial {trial.number}, method {doc['recipe']['method']}"]
