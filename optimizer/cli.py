@@ -568,6 +568,30 @@ def replay(
     typer.echo(f"{recipe} -> {written}")
 
 
+@app.command("import")
+def import_recipe(
+    source: Annotated[Path, typer.Argument(help="An sd-mecha recipe (.mecha).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The evomerge recipe document to write (.yaml).")],
+    parents: Annotated[Path | None, typer.Option("--parents", help="Folder holding the recipe's models (by file name), when they moved.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Turn an sd-mecha recipe into an evomerge recipe document (for replay, render, compare,
+    export to ComfyUI): sd-mecha merges probe models to say what each key gets; the recipe imports
+    when that is an evomerge method with one value per block."""
+    import yaml
+
+    from optimizer.atomic import check_output, write_text_atomic
+    from optimizer.study.mecha_import import import_mecha
+
+    try:
+        target = check_output(output, overwrite=overwrite, what="recipe")
+        doc = import_mecha(source, parents_dir=parents)
+        written = write_text_atomic(target, yaml.safe_dump(doc, sort_keys=False))
+    except (*_study_errors(), EvomergeError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"{source} -> {written} ({doc['recipe']['method']}, {len(doc['parents'])} parents)")
+
+
 @app.command()
 def render(
     candidate: Annotated[Path, typer.Argument(help="A checkpoint (file or diffusers folder) or a recipe document.")],
