@@ -1,6 +1,7 @@
 """FID and KID objectives (torchmetrics) against a reference set computed once per study.
 
-* :class:`FIDObjective`: torchmetrics' ``FrechetInceptionDistance``. FID is biased upwards below a
+* :class:`FIDObjective`: torchmetrics' ``FrechetInceptionDistance`` formula (computed by
+  :mod:`objectives.frechet`, checked against torchmetrics). FID is biased upwards below a
   few thousand images (the bias shrinks like 1/N), so compare FIDs measured with the same number of
   images only, and prefer KID for small samples.
 * :class:`KIDObjective`: torchmetrics' ``KernelInceptionDistance`` (unbiased; the mean over
@@ -184,8 +185,8 @@ def _default_feature(feature: nn.Module | None) -> nn.Module:
 
 
 class _GeneratedImages:
-    """Shared by FID and KID: a torchmetrics metric fed only generated images (the reference
-    features are fixed at construction), and how many it has seen since :meth:`reset`."""
+    """KID's torchmetrics metric fed only generated images (the reference features are fixed at
+    construction), and how many it has seen since :meth:`reset`."""
 
     direction = "minimize"
     metric: Any
@@ -200,11 +201,13 @@ class _GeneratedImages:
 
 
 @register_scorer
-class FIDObjective(_GeneratedImages):
-    """FID of the images seen since :meth:`reset` against fixed reference features (minimize);
-    torchmetrics' FrechetInceptionDistance. A set metric: biased upwards at small image counts."""
+class FIDObjective:
+    """FID of the images seen since :meth:`reset` against fixed reference features (minimize):
+    torchmetrics' FrechetInceptionDistance formula, computed by :class:`~objectives.frechet.FrechetDistance`
+    (the same value, without a 2048 x 2048 eigendecomposition per call). A set metric: biased upwards at small image counts."""
 
     name = "fid"
+    direction = "minimize"
     higher_is_better = False
     uses_prompts = False
     per_image = False
@@ -217,25 +220,33 @@ class FIDObjective(_GeneratedImages):
         return cls(reference=feats, feature=net)
 
     def __init__(self, *, reference: Tensor, feature: nn.Module | None = None, name: str = "fid") -> None:
-        from torchmetrics.image.fid import FrechetInceptionDistance
+        from objectives.frechet import FrechetDistance
 
         if reference.ndim != 2 or len(reference) < 2:
             raise ReferenceSetError(f"reference features must be [N >= 2, D], got {tuple(reference.shape)}")
         self.name = name
         self.feature = _default_feature(feature)
-        self.metric = FrechetInceptionDistance(feature=self.feature, normalize=True, reset_real_features=False)
-        if self.metric.real_features_sum.shape[0] != reference.shape[1]:
-            raise ReferenceSetError(f"reference features are {reference.shape[1]}-d, the feature extractor gives {self.metric.real_features_sum.shape[0]}-d")
-        ref = reference.double()
-        self.metric.real_features_sum = ref.sum(0)
-        self.metric.real_features_cov_sum = ref.T @ ref
-        self.metric.real_features_num_samples = torch.tensor(len(ref))
+        width = getattr(self.feature, "num_features", None)
+        if width is not None and width != reference.shape[1]:
+            raise ReferenceSetError(f"reference features are {reference.shape[1]}-d, the feature extractor gives {width}-d")
+        self.frechet = FrechetDistance(feature=self.feature, reference=reference)
         self.count = 0
+
+    def reset(self) -> None:
+        self.frechet.reset()
+        self.count = 0
+
+    def update(self, images: Tensor, *, prompts: Sequence[str] = ()) -> None:
+        self.frechet.update(check_images(images).clamp(0, 1))
+        self.count += len(images)
 
     def compute(self) -> float:
         if self.count < 2:
             raise ObjectiveError(f"{self.name}: FID needs at least 2 images, got {self.count}")
-        return float(self.metric.compute())
+        try:
+            return self.frechet.compute()
+        except ValueError as exc:
+            raise ReferenceSetError(str(exc)) from None
 
 
 @register_scorer

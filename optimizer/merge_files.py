@@ -17,7 +17,7 @@ import torch
 from optimizer.architectures.detect import check_compatible, detect_architecture
 from optimizer.architectures.layout import BlockLayout
 from optimizer.architectures.mbw import parse_mbw
-from optimizer.checkpoint.load import load_checkpoint, parse_dtype
+from optimizer.checkpoint.load import cast_floats, load_checkpoint, parse_dtype
 from optimizer.checkpoint.prediction import prediction_metadata
 from optimizer.checkpoint.reconcile import fill_inference_unused
 from optimizer.checkpoint.save import merge_metadata, save_safetensors
@@ -100,6 +100,18 @@ class LoadedParents:
         """What the parents predict where any file says (they agree: :func:`load_parents` checks)."""
         return next((c.prediction_type for c in self.checkpoints if c.prediction_type), None)
 
+    @property
+    def stored_dtype(self) -> str:
+        """The dtype the parents are stored in (``float16``): their common one, else the promoted one;
+        the bank's when no file says."""
+        named = [getattr(torch, c.stored_dtype) for c in self.checkpoints if c.stored_dtype]
+        if not named:
+            return str(self.bank.dtype).removeprefix("torch.")
+        dtype = named[0]
+        for other in named[1:]:
+            dtype = torch.promote_types(dtype, other)
+        return str(dtype).removeprefix("torch.")
+
 
 def load_parents(
     *,
@@ -145,7 +157,7 @@ def load_parents(
     )
     light = [
         Checkpoint(path=c.path, state_dict={}, layout=c.layout, sha256=c.sha256, source_format=c.source_format, metadata=c.metadata,
-                   prediction_type=c.prediction_type)
+                   prediction_type=c.prediction_type, stored_dtype=c.stored_dtype)
         for c in checkpoints
     ]
     return LoadedParents(checkpoints=light, bank=bank, notes=tuple(notes))
@@ -214,6 +226,7 @@ def merge_to_file(
     overwrite: bool = False,
     loras: Sequence[Any] = (),
     warn: Callable[[str], None] | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Path:
     """Merge once in memory and write the result atomically (safetensors or a diffusers folder).
 
@@ -234,7 +247,7 @@ def merge_to_file(
         warn(f"the merged weights equal {names}: this recipe changes nothing (check alpha / the per-block weights)")
     return write_merged(
         state_dict=merger.state_dict(), parents=parents, recipe=recipe, output=output, output_format=output_format,
-        config_dir=config_dir, overwrite=overwrite,
+        config_dir=config_dir, overwrite=overwrite, dtype=dtype,
     )
 
 
@@ -247,11 +260,15 @@ def write_merged(
     output_format: str = "safetensors",
     config_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    dtype: str | torch.dtype | None = None,
 ) -> Path:
     """Write merged weights atomically: ``safetensors`` (canonical single file, ComfyUI / A1111
     names, the recipe in its metadata), ``bare`` (Flux / SD3: the transformer alone with Black
-    Forest Labs' / Stability's names, as ``flux1-dev.safetensors``) or ``diffusers`` (a folder)."""
+    Forest Labs' / Stability's names, as ``flux1-dev.safetensors``) or ``diffusers`` (a folder).
+    ``dtype``: floating-point tensors are cast to it first (a study computed in fp32 on CPU writes
+    its fp16 parents' dtype); None writes them as they are."""
     output = check_merged_output(output, output_format=output_format, overwrite=overwrite)
+    state_dict = cast_floats(state_dict, dtype=parse_dtype(dtype))
     if output_format == "safetensors":
         metadata = merge_metadata(recipe=recipe.model_dump(mode="json"), parents=parents.checkpoints)
         metadata.update(prediction_metadata(parents.prediction_type))

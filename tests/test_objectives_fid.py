@@ -107,3 +107,42 @@ def test_reference_errors_are_clear(tmp_path: Path) -> None:
         reference_features(feature=torch.nn.Identity())
     with pytest.raises(ValueError, match=r"expected images \[N, 3, H, W\]"):
         FIDObjective(reference=torch.randn(4, 2048), feature=None).update(torch.rand(2, 1, 8, 8))
+
+
+class _Projection(torch.nn.Module):
+    """A fixed random feature network: uint8 or [0, 1] images -> ``width``-d features."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.num_features = width
+        self.weight = torch.nn.Parameter(torch.randn(3 * 8 * 8, width, generator=torch.Generator().manual_seed(width)), requires_grad=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        return torch.nn.functional.interpolate(x, size=(8, 8), mode="area").flatten(1) @ self.weight
+
+
+@pytest.mark.parametrize(("width", "generated"), [(128, 16), (128, 2), (8, 40)])  # n <= d (the n x n route), the smallest set, n > d
+def test_fid_equals_torchmetrics_frechet_inception_distance(width: int, generated: int) -> None:
+    """objectives.frechet against torchmetrics' FrechetInceptionDistance (normalize=True, real
+    images fed through the same quantisation), the same features both sides."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from objectives.frechet import FrechetDistance
+
+    g = torch.Generator().manual_seed(generated)
+    real, fake = torch.rand(60, 3, 16, 16, generator=g), torch.rand(generated, 3, 16, 16, generator=g) ** 2
+    feature = _Projection(width)
+    theirs = FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False)
+    theirs.update(real, real=True)
+    theirs.update(fake, real=False)
+    ours = FrechetDistance.from_images(feature=feature, images=real)
+    ours.update(fake[: generated // 2])
+    ours.update(fake[generated // 2 :])  # features accumulate over updates
+    assert ours.count == generated
+    assert ours.compute() == pytest.approx(float(theirs.compute()), rel=1e-6, abs=1e-8)
+    objective = FIDObjective(reference=FrechetDistance.features_of(feature, real), feature=feature)
+    objective.update(fake)
+    assert objective.compute() == pytest.approx(float(theirs.compute()), rel=1e-6, abs=1e-8)
+    with pytest.raises(ReferenceSetError, match="feature extractor gives"):
+        FIDObjective(reference=torch.randn(4, width + 1), feature=feature)

@@ -179,6 +179,7 @@ def test_short_zoo_study_records_trials_reports_and_exports_a_replayable_recipe(
         assert f"trial {best.number}" in result.output
     doc = yaml.safe_load((tmp_path / "best.yaml").read_text())
     assert doc["trial"] == best.number and doc["dtype"] == "float32" and len(doc["parents"][0]["sha256"]) == 64
+    assert doc["output_dtype"] == "float16"  # computed in fp32 on CPU, written in the fp16 zoo parents' dtype
     assert best.user_attrs["mbw"]["alpha"] in (tmp_path / "best.txt").read_text()
 
     from optimizer.merge import Merger
@@ -197,7 +198,8 @@ def test_short_zoo_study_records_trials_reports_and_exports_a_replayable_recipe(
 
     saved = load_file(str(tmp_path / "best.safetensors"))
     views = trial_runner.merger.state_dict()
-    assert all(torch.equal(saved[k], views[k]) for k in views)
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float16}
+    assert all(torch.equal(saved[k], views[k].half() if views[k].is_floating_point() else views[k]) for k in views)
 
     # the exported recipe refuses a parent that changed
     doc["parents"][1]["sha256"] = "0" * 64
@@ -474,6 +476,34 @@ def test_an_fp16_study_renders_from_the_half_precision_buffer_and_exports_it_exa
     views = study_runner.merger.state_dict()  # what the best trial rendered from
     assert {v.dtype for v in saved.values()} == {torch.float16}
     assert all(torch.equal(saved[k], views[k]) for k in views)
+
+
+@needs_zoo
+def test_a_cpu_study_exports_in_its_parents_dtype_unless_the_study_file_names_one(tmp_path: Path) -> None:
+    """fp16 zoo parents on CPU: computed in fp32, exported (and replayed) in fp16, the size of a
+    parent; ``dtype: fp32`` in the study file exports fp32."""
+    from safetensors.torch import load_file
+
+    sizes = {}
+    for dtype in (None, "fp32"):
+        extra = {} if dtype is None else {"dtype": dtype}
+        name = f"cpu-{dtype or 'default'}"
+        (tmp_path / name).mkdir()
+        file = _write_study(tmp_path / name, name=name, budget={"trials": 1}, calibration={"gate": False}, **extra)
+        out = tmp_path / name / "out"
+        assert runner.invoke(app, ["study", "run", str(file), "--out", str(out), "--no-progress"]).exit_code == 0
+        target = tmp_path / f"{name}.safetensors"
+        result = runner.invoke(app, ["export", str(out), "--format", "safetensors", "-o", str(target)])
+        assert result.exit_code == 0, result.output
+        assert runner.invoke(app, ["export", str(out), "--format", "recipe", "-o", str(tmp_path / f"{name}.yaml")]).exit_code == 0
+        replayed = tmp_path / f"{name}-replayed.safetensors"
+        assert runner.invoke(app, ["replay", str(tmp_path / f"{name}.yaml"), "-o", str(replayed)]).exit_code == 0
+        assert replayed.read_bytes() == target.read_bytes()
+        floats = {v.dtype for v in load_file(str(target)).values() if v.is_floating_point()}
+        assert floats == ({torch.float16} if dtype is None else {torch.float32}), (dtype, floats)
+        sizes[dtype] = target.stat().st_size
+    parent = Path(load_study_config(tmp_path / "cpu-default" / "study.yaml").parents[0]).stat().st_size
+    assert abs(sizes[None] - parent) < 0.05 * parent and sizes["fp32"] > 1.8 * sizes[None]
 
 
 @needs_zoo

@@ -24,6 +24,12 @@ ZOO = paths.default_zoo_dir()
 pytestmark = [needs_zoo, pytest.mark.usefixtures("one_thread")]
 
 
+
+def _as_exported(state: dict, runner) -> dict:
+    """A CPU study's weights as export writes them: cast to the parents' stored dtype (fp16 for the zoo)."""
+    dtype = getattr(torch, runner.parents.stored_dtype)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
 def _hypernetwork(tmp: Path, *, seed: int = 0, scale: float = 1.0) -> Path:
     from optimizer.adapters.hypernetwork import Hypernetwork, save_hypernetwork
 
@@ -73,11 +79,11 @@ def test_lora_strengths_are_search_dimensions_replayed_and_exported(tmp_path: Pa
     out = export_trial(study=study, config=config, trial=best, output_format="safetensors", output=tmp_path / "best.safetensors", parents=runner.parents)
     runner.prepare(recipe)
     saved = load_file(str(out))
-    views = runner.merger.state_dict()
+    views = _as_exported(runner.merger.state_dict(), runner)  # written in the fp16 parents' dtype
     assert all(torch.equal(saved[k], v) for k, v in views.items())
     without = runner.merger.merge(recipe.model_copy(update={"loras": {}}))
     assert without.lora_layers == 0
-    assert any(not torch.equal(saved[k], v) for k, v in runner.merger.state_dict().items())  # the LoRA is in the file
+    assert any(not torch.equal(saved[k], v) for k, v in _as_exported(runner.merger.state_dict(), runner).items())  # the LoRA is in the file
     doc = yaml.safe_load(export_trial(study=study, config=config, trial=best, output_format="recipe", output=tmp_path / "best.yaml").read_text())
     assert doc["loras"][0]["name"] == "rnd" and len(doc["loras"][0]["sha256"]) == 64
     _replays_to_the_same_bytes(tmp_path / "best.yaml", out, tmp_path / "replayed.safetensors")
@@ -200,7 +206,7 @@ def test_recalibration_meets_the_interpolated_parent_statistics_and_is_exported(
     out = export_trial(study=study, config=config, trial=study.best_trial, output_format="safetensors", output=tmp_path / "best.safetensors", parents=runner.parents, runner=runner)
     runner.prepare(suggest_recipe(optuna.trial.FixedTrial(study.best_trial.params), runner.space))
     saved = load_file(str(out))
-    assert all(torch.equal(saved[k], v) for k, v in runner.merger.state_dict().items())
+    assert all(torch.equal(saved[k], v) for k, v in _as_exported(runner.merger.state_dict(), runner).items())
     with safe_open(str(out), "pt") as handle:
         assert "alpha" in handle.metadata()["sd_merge_recipe"]
     recipe = export_trial(study=study, config=config, trial=study.best_trial, output_format="recipe", output=tmp_path / "best.yaml")

@@ -15,14 +15,16 @@ from optimizer.checkpoint.safe_read import read_weights
 from optimizer.checkpoint.types import Checkpoint, CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: torch's own names, as recipe documents record them (``float16``)
+_TORCH_NAMES = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """``"fp16" | "bf16" | "fp32" | torch.dtype | None`` -> dtype; a clear error for anything else."""
+    """``"fp16" | "bf16" | "fp32"`` (or torch's ``float16``...) ``| torch.dtype | None`` -> dtype; a clear error for anything else."""
     if name is None or isinstance(name, torch.dtype):
         return name
     try:
-        return DTYPES[name.lower()]
+        return DTYPES[name.lower()] if name.lower() in DTYPES else _TORCH_NAMES[name.lower()]
     except KeyError:
         raise CheckpointError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
@@ -32,6 +34,17 @@ def cast_floats(state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype | Non
     if dtype is None:
         return state_dict
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def storage_dtype(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The floating-point dtype holding most elements of ``state_dict`` (``float16``), None without float tensors."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in state_dict.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    if not counts:
+        return None
+    return str(max(counts, key=counts.__getitem__)).removeprefix("torch.")
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, dtype: str | torch.dtype | None = None) -> Checkpoint:
@@ -65,7 +78,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, dtype: str | torch.dtype | 
             "as is; save it from ComfyUI in fp16 or bf16"
         )
     raw_keys = frozenset(state_dict)
-    state_dict = cast_floats(drop_non_weights(state_dict), dtype=target)
+    state_dict = drop_non_weights(state_dict)
+    stored = storage_dtype(state_dict)
+    state_dict = cast_floats(state_dict, dtype=target)
     if not state_dict:
         raise CheckpointError(f"{path}: contains no tensors")
     try:
@@ -78,4 +93,5 @@ def load_checkpoint(path: str | os.PathLike[str], *, dtype: str | torch.dtype | 
     return Checkpoint(
         path=path, state_dict=state_dict, layout=layout, sha256=digest, source_format=source_format, metadata=metadata,
         prediction_type=read_prediction_type(path, metadata=metadata, source_format=source_format, keys=raw_keys),
+        stored_dtype=stored,
     )

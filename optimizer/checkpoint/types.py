@@ -34,6 +34,8 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     #: ``epsilon`` / ``v_prediction`` where the file says (:mod:`optimizer.checkpoint.prediction`)
     prediction_type: str | None = None
+    #: the floating-point dtype holding most of the file's elements, before any cast on load (``float16``)
+    stored_dtype: str | None = None
 
     @property
     def architecture(self) -> str:

@@ -321,6 +321,8 @@ class StudyConfig(_Strict):
     method: str = "weighted_sum"
     merge_vae: bool = False
     seed: int = 0  # stochastic merge methods (DARE)
+    #: the dtype parents are merged and rendered in, and exports written in. Unset: the parents' own on a
+    #: GPU; on CPU fp32 (fp16 kernels are slow there) with exports written in the parents' dtype
     dtype: Literal["fp16", "bf16", "fp32"] | None = None
     device: str = "auto"
     #: where the parents live: on the device, or in host memory streamed per merge (big parents: Flux)

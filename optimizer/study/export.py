@@ -97,6 +97,7 @@ def provenance(*, parents: LoadedParents, config: StudyConfig | None = None) -> 
     out: dict[str, Any] = {
         "architecture": parents.bank.layout.name,
         "dtype": str(parents.bank.dtype).removeprefix("torch."),
+        "stored_dtype": parents.stored_dtype,
         "parents": [{"path": str(c.path), "sha256": c.sha256} for c in parents.checkpoints],
     }
     if config is not None and config.loras:
@@ -104,6 +105,15 @@ def provenance(*, parents: LoadedParents, config: StudyConfig | None = None) -> 
     if config is not None and config.hypernetworks:
         out["hypernetworks"] = _adapter_entries(config.hypernetworks)
     return out
+
+
+def output_dtype(known: dict[str, Any], config: StudyConfig | None) -> str:
+    """The dtype exported weights are written in: the study file's ``dtype`` when it names one (the
+    bank's), else the parents' stored dtype (a CPU study computes fp16 parents in fp32 and writes
+    fp16, as ``evomerge merge`` does); the bank's for studies made before the stored dtype was kept."""
+    if config is not None and config.dtype is not None:
+        return known["dtype"]
+    return known.get("stored_dtype") or known["dtype"]
 
 
 def stored_provenance(study: optuna.Study) -> dict[str, Any] | None:
@@ -135,6 +145,7 @@ def recipe_document(
         "values": trial.user_attrs.get("values", {}),
         "architecture": layout.name,
         "dtype": known["dtype"],
+        "output_dtype": output_dtype(known, config),
         "parents": known["parents"],
         "recipe": recipe.model_dump(mode="json"),
         "mbw": {p: recipe.to_mbw(layout=layout, param=p) for p in recipe.params},
@@ -291,9 +302,10 @@ def export_trial(
         merger.merge(recipe)
         state = merger.state_dict()
     else:
-        return merge_to_file(parents=parents, recipe=recipe, output=output, output_format=output_format, config_dir=config_dir, overwrite=overwrite)
+        return merge_to_file(parents=parents, recipe=recipe, output=output, output_format=output_format, config_dir=config_dir, overwrite=overwrite,
+                             dtype=doc["output_dtype"])
     return write_merged(state_dict=state, parents=parents, recipe=recipe, output=output, output_format=output_format,
-                        config_dir=config_dir, overwrite=overwrite)
+                        config_dir=config_dir, overwrite=overwrite, dtype=doc["output_dtype"])
 
 
 def relocated(config: StudyConfig, *, study: optuna.Study, directory: str | os.PathLike[str]) -> StudyConfig:

@@ -101,7 +101,7 @@ def replay_to_file(
             state = runner.merger.state_dict()
             render_dir = _render_dir(runner.parents, config_dir=config.config_dir, output_format=output_format)
             return write_merged(state_dict=state, parents=runner.parents, recipe=recipe, output=output, output_format=output_format,
-                                config_dir=render_dir, overwrite=overwrite)
+                                config_dir=render_dir, overwrite=overwrite, dtype=doc.get("output_dtype"))
     adapters = []
     if loras:
         from optimizer.adapters.lora import load_loras
@@ -109,7 +109,8 @@ def replay_to_file(
 
         adapters = load_loras(loras, bank=parents.bank, unet_config=unet_config(parents, config_dir=config_dir))
     return merge_to_file(parents=parents, recipe=recipe, output=output, output_format=output_format, overwrite=overwrite,
-                         config_dir=_render_dir(parents, config_dir=config_dir, output_format=output_format), loras=adapters)
+                         config_dir=_render_dir(parents, config_dir=config_dir, output_format=output_format), loras=adapters,
+                         dtype=doc.get("output_dtype"))
 
 
 def _render_dir(parents, *, config_dir, output_format: str):

@@ -6,7 +6,7 @@ combinations, fixed seeds) a model renders one image per caption; the figures ar
 * oracle accuracy per attribute (digit, fg, bg, thickness, slant) and ``all`` (all five right);
 * CLIP score with the zoo's CLIP: ``100 * max(cos(image, caption), 0)``, mean over images;
 * FID against real renders of the same captions, with the FID InceptionV3 (torchmetrics'
-  ``FrechetInceptionDistance``; with a few hundred images FID is biased upwards, so compare rows
+  ``FrechetInceptionDistance`` formula, :mod:`objectives.frechet`; with a few hundred images FID is biased upwards, so compare rows
   of one table, measured with the same ``count``, never with published FIDs).
 
 The real renders themselves are scored the same way (the ``real`` row): the ceiling of the table.
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torchmetrics.image.fid import FrechetInceptionDistance
 
+from objectives.frechet import FrechetDistance
 from objectives.inception import InceptionFeatures
 from optimizer.zoo import domain
 from optimizer.zoo.clip_model import clip_score
@@ -56,18 +56,13 @@ class QualityMeter:
         self.oracle = oracle
         self.clip_model = clip_model
         self.clip_tokenizer = clip_tokenizer
-        # real statistics are computed once; reset() keeps them (reset_real_features=False)
-        self.fid = FrechetInceptionDistance(feature=InceptionFeatures(), normalize=True, reset_real_features=False)
-        self._update(self.evaluation.real, real=True)
-
-    def _update(self, images: torch.Tensor, *, real: bool, batch_size: int = 64) -> None:
-        for i in range(0, len(images), batch_size):
-            self.fid.update(images[i : i + batch_size].clamp(0, 1), real=real)
+        # the real statistics are computed once
+        self.fid = FrechetDistance.from_images(feature=InceptionFeatures(), images=self.evaluation.real)
 
     def _fid(self, images: torch.Tensor) -> float:
         self.fid.reset()
-        self._update(images, real=False)
-        return float(self.fid.compute())
+        self.fid.update(images)
+        return self.fid.compute()
 
     def score(self, images: torch.Tensor, *, fid: bool = True) -> dict[str, float]:
         """Oracle accuracies, CLIP score and (optionally) FID of ``images`` for the evaluation set."""
