@@ -479,6 +479,21 @@ def test_an_fp16_study_renders_from_the_half_precision_buffer_and_exports_it_exa
 
 
 @needs_zoo
+def test_a_study_runs_a_plugin_sampler_named_module_colon_class(tmp_path: Path) -> None:
+    """``sampler: {name: "tests.plugin_sampler:CentreFirstSampler", options: ...}``: the user's class
+    proposes the trials (its first is the centre of every range), with the study's options."""
+    file = _write_study(tmp_path, budget={"trials": 2}, calibration={"gate": False},
+                        sampler={"name": "tests.plugin_sampler:CentreFirstSampler", "seed": 2, "options": {"spread": 0.1}})
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["study", "run", str(file), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="test-study", storage=f"sqlite:///{out / 'study.db'}")
+    first, second = sorted(study.trials, key=lambda t: t.number)
+    assert first.params and all(v == 0.5 for v in first.params.values())
+    assert all(0.45 <= v <= 0.55 for v in second.params.values()) and second.params != first.params
+
+
+@needs_zoo
 def test_a_cpu_study_exports_in_its_parents_dtype_unless_the_study_file_names_one(tmp_path: Path) -> None:
     """fp16 zoo parents on CPU: computed in fp32, exported (and replayed) in fp16, the size of a
     parent; ``dtype: fp32`` in the study file exports fp32."""

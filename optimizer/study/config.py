@@ -38,7 +38,6 @@ __all__ = [
     "parse_study_config",
 ]
 
-SAMPLERS = ("tpe", "cmaes", "nsga2", "gp", "random", "qmc")
 PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband")
 
 
@@ -118,11 +117,20 @@ def _registered(kind: str, registry: Mapping[str, Any]):
 
 
 class SamplerConfig(_Strict):
+    """A registered sampler (:mod:`optimizer.study.sampler_registry`) or a plug-in ``module:Class``
+    (an Optuna sampler class), its seed and the keyword ``options`` of its constructor."""
+
     name: str = "tpe"
     seed: int | None = 0
     options: dict[str, Any] = Field(default_factory=dict)
 
-    _known = _registered("sampler", SAMPLERS)
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        from optimizer.study.sampler_registry import sampler_entry
+
+        sampler_entry(value)  # ValueError: unknown name, or a plug-in that does not import / is not a sampler
+        return value
 
 
 class PrunerConfig(_Strict):
@@ -407,8 +415,11 @@ class StudyConfig(_Strict):
                 raise ValueError("mode: pareto needs at least two objectives")
             if self.pruner.name != "none":
                 raise ValueError("pruner: Optuna cannot prune multi-objective trials; set pruner: {name: none} with mode: pareto")
-            if self.sampler.name in ("cmaes", "gp"):
-                raise ValueError(f"sampler: {self.sampler.name} is single-objective; use nsga2, tpe, random or qmc with mode: pareto")
+            from optimizer.study.sampler_registry import SAMPLERS, sampler_entry
+
+            if not sampler_entry(self.sampler.name).multi_objective:
+                usable = ", ".join(n for n, e in SAMPLERS.items() if e.multi_objective)
+                raise ValueError(f"sampler: {self.sampler.name} is single-objective; use {usable} with mode: pareto")
         elif self.sampler.name == "nsga2" and len(self.objectives) == 1:
             pass  # NSGA-II works for one objective too
         if self.render.decoder == "taesd" and self.render.taesd is None:

@@ -1,5 +1,8 @@
 """Samplers and pruners by name (a study file's ``sampler`` / ``pruner``), built with Optuna.
 
+Samplers come from the registry (:mod:`optimizer.study.sampler_registry`), or are a plug-in
+``module:Class`` (any ``optuna.samplers.BaseSampler`` subclass); the registered ones:
+
 ========== ============================================ ===================================
 name       Optuna class                                 use
 ========== ============================================ ===================================
@@ -12,7 +15,8 @@ qmc        ``QMCSampler`` (Sobol, scrambled)            space-filling baseline
 ========== ============================================ ===================================
 
 ``options`` are passed to the class as keyword arguments (e.g. ``n_startup_trials``,
-``population_size``); an unknown option is an error naming it. Pruners: ``none``, ``median``,
+``population_size``; a plug-in gets the study's seed when its constructor takes ``seed``); an
+unknown option is an error naming it. Pruners: ``none``, ``median``,
 ``percentile``, ``successive_halving``, ``hyperband``; they act on the running objective value a
 trial reports after each rendered batch.
 """
@@ -53,22 +57,23 @@ def process_seed(config: SamplerConfig, *, trials_so_far: int, salt: int = 0) ->
 
 
 def make_sampler(config: SamplerConfig, *, seed: int | None | str = "config") -> optuna.samplers.BaseSampler:
-    """The sampler named by ``config``, seeded with ``config.seed`` (or ``seed`` when given)."""
-    seed = {"seed": config.seed if seed == "config" else seed}
-    table = {
-        "tpe": (optuna.samplers.TPESampler, {"multivariate": True, **seed}),
-        "cmaes": (optuna.samplers.CmaEsSampler, seed),
-        "nsga2": (optuna.samplers.NSGAIISampler, seed),
-        "gp": (optuna.samplers.GPSampler, seed),
-        "random": (optuna.samplers.RandomSampler, seed),
-        "qmc": (optuna.samplers.QMCSampler, {"qmc_type": "sobol", "scramble": True, **seed}),
-    }
-    cls, defaults = table[config.name]
-    if config.name == "cmaes":
+    """The sampler ``config`` names (registered or plug-in ``module:Class``), with its defaults and
+    options, seeded with ``config.seed`` (or ``seed`` when given) where its constructor takes a seed."""
+    from optimizer.study.sampler_registry import sampler_entry
+
+    try:
+        entry = sampler_entry(config.name)
+    except ValueError as exc:
+        raise StudyConfigError(f"sampler.name: {exc}") from None
+    if entry.needs is not None:
         try:
-            import cmaes  # noqa: F401
+            __import__(entry.needs)
         except ImportError:
-            raise StudyConfigError("sampler: cmaes needs the `cmaes` package (pip install cmaes)") from None
+            raise StudyConfigError(f"sampler: {entry.name} needs the `{entry.needs}` package (pip install {entry.needs})") from None
+    cls = entry.factory()
+    defaults = dict(entry.defaults)
+    if "seed" in inspect.signature(cls.__init__).parameters:
+        defaults["seed"] = config.seed if seed == "config" else seed
     return _build(cls, dict(config.options), defaults, "sampler")
 
 
