@@ -61,18 +61,9 @@ def comfyui_merge(workflow: dict, a: dict[str, torch.Tensor], b: dict[str, torch
 @pytest.fixture(scope="module", params=ARCHITECTURES)
 def pair(request) -> dict:
     """Two tiny models of the architecture (diffusers' classes), canonical single-file keys."""
-    name = request.param
-    if name in ("sd1", "sd2", "sdxl"):
-        from optimizer.tiny_models import tiny_ldm_state_dict, tiny_sd1_components, tiny_sd2_components, tiny_sdxl_components
+    from tests.tiny_archs import tiny_state_dict
 
-        build = {"sd1": tiny_sd1_components, "sd2": tiny_sd2_components, "sdxl": tiny_sdxl_components}[name]
-        dicts = [tiny_ldm_state_dict(build(seed), name) for seed in (0, 1)]
-    else:
-        from optimizer.tiny_dit import tiny_dit_canonical_state_dict, tiny_dit_components
-
-        variant = {"sd3": "sd3.5", "sd35_large": "sd35_large", "flux": "flux-dev"}[name]
-        dicts = [tiny_dit_canonical_state_dict(tiny_dit_components(variant, seed), variant) for seed in (0, 1)]
-    return {"architecture": name, "dicts": dicts}
+    return {"architecture": request.param, "dicts": [tiny_state_dict(request.param, seed) for seed in (0, 1)]}
 
 
 def _recipe(layout, *, seed: int, merge_vae: bool = False) -> MergeRecipe:
