@@ -155,18 +155,12 @@ def _discover() -> None:
 
 
 def _import_path(spec: str) -> type:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ScorerRegistryError(f"scorer {spec!r}: a plug-in is named module:Class")
+    from optimizer.plugins import import_object
+
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ScorerRegistryError(f"scorer {spec!r}: cannot import {module_name}: {exc}") from None
-    cls = module
-    for part in attr.split("."):
-        cls = getattr(cls, part, None)
-        if cls is None:
-            raise ScorerRegistryError(f"scorer {spec!r}: {module_name} has no {attr}")
+        cls = import_object(spec)
+    except ValueError as exc:
+        raise ScorerRegistryError(f"scorer {spec!r}: {exc}") from None
     return _check_scorer(cls, source=f"scorer {spec!r}")
 
 

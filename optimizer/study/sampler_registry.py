@@ -13,7 +13,6 @@ so the configuration can validate names against it.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,16 +59,12 @@ register_sampler(SamplerEntry("qmc", lambda: optuna.samplers.QMCSampler, {"qmc_t
 
 def plugin_sampler_class(name: str) -> type[optuna.samplers.BaseSampler]:
     """The class a ``module:Class`` name points at; ``ValueError`` saying what is wrong otherwise."""
-    module_name, _, attribute = name.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"a plug-in sampler is named module:Class, got {name!r}")
+    from optimizer.plugins import import_object
+
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r} of sampler {name!r}: {exc}") from None
-    cls = getattr(module, attribute, None)
-    if cls is None:
-        raise ValueError(f"module {module_name!r} has no {attribute!r}")
+        cls = import_object(name)
+    except ValueError as exc:
+        raise ValueError(f"sampler {name!r}: {exc}") from None
     if not (isinstance(cls, type) and issubclass(cls, optuna.samplers.BaseSampler)):
         raise ValueError(f"{name} is not an Optuna sampler class (a subclass of optuna.samplers.BaseSampler)")
     return cls
