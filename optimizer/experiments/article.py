@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optimizer.atomic import write_atomic, write_text_atomic
+from optimizer.atomic import write_text_atomic
 from optimizer.experiments.candidates import PROMPTS, Candidate, CandidateEvaluator
 from optimizer.zoo import paths
 
@@ -59,29 +59,30 @@ __all__ = [
     "write_reference",
 ]
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "studies" / "experiments"
-#: the article's weights [0.6, 0.4]: A (shape) weighs 0.6, B (colour) 0.4; evomerge's alpha is B's weight
-ARTICLE_ALPHA = 0.4
-PAIR = ("shape", "colour")
-CONTROL = ("base", "other_init")
-PARENTS = ("base", "shape", "colour", "other_init")
-ALPHAS = tuple(round(i / 10, 1) for i in range(11))
-QUICK_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-#: the single-objective studies: key -> study file in studies/experiments/
-STUDIES: dict[str, str] = {
-    "global-tpe": "article-global-tpe.yaml",
-    "blocks-tpe": "article-blocks-tpe.yaml",
-    "blocks-cmaes": "article-blocks-cmaes.yaml",
-    "negative-control": "article-negative-control.yaml",
-}
-PARETO_STUDY = "article-pareto-nsga2.yaml"
-FIGURES = ["oracle_digit", "oracle_fg", "oracle_bg", "oracle_thickness", "oracle_slant", "oracle_all", "clip_score", "fid"]
-TABLE = ["label", "oracle_digit", "oracle_fg", "oracle_bg", "oracle_all", "clip_score", "fid", "unet_evals_per_image"]
-#: the columns :func:`run_article` averages over search seeds (others keep their value, or None where seeds differ)
-METRICS = [*FIGURES, "unet_evals_per_image", "seconds_per_image", "search_score"]
-#: the leading columns of experiments.csv
-ID_COLUMNS = ["label", "n", "group", "study", "article", "alpha", "images", "trials"]
-Z95 = 1.959963984540054  # standard normal 97.5% quantile
+from optimizer.experiments.article_figures import (
+    _pareto_table,
+    _plot_blocks,
+    _plot_grid,
+    _plot_histories,
+    _plot_pareto,
+    _plot_sweeps,
+    markdown_table,
+)
+from optimizer.experiments.article_settings import (
+    ALPHAS,
+    ARTICLE_ALPHA,
+    CONTROL,
+    EXPERIMENTS,
+    ID_COLUMNS,
+    METRICS,
+    PAIR,
+    PARENTS,
+    PARETO_STUDY,
+    QUICK_ALPHAS,
+    STUDIES,
+    _num,
+)
+from optimizer.experiments.article_stats import Claim, claims, summarize
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -134,8 +135,6 @@ class ArticleEvaluator(CandidateEvaluator):
 
 
 # ---------------------------------------------------------------------------------------------- candidates
-def _num(value: float) -> str:
-    return f"{round(value, 4):g}"
 
 
 def sweep_candidates(*, alphas: Sequence[float] = ALPHAS, ensemble_alphas: Sequence[float] | None = None,
@@ -429,295 +428,6 @@ def _pareto(root: Path, *, seed: int, trials: int, search_prompts: int | None, s
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-def summarize(frame, *, by: str = "label", metrics: Sequence[str] | None = None):
-    """One row per ``by`` value (first-appearance order): mean and 95% t-interval over its rows.
-
-    For a group of ``n`` rows with values ``x_1..x_n`` of a metric: ``mean = sum(x) / n``,
-    ``s = sqrt(sum((x - mean)^2) / (n - 1))``, and the half-width of the 95% interval
-    ``<metric>_ci95 = t_{0.975, n-1} * s / sqrt(n)`` (Student's t, ``scipy.stats.t``), so the
-    interval is ``mean +- <metric>_ci95``; ``n = 1`` keeps its value with ``_ci95`` NaN. Column
-    ``n`` counts the rows (search seeds). ``metrics``: the numeric columns to summarize (default:
-    every numeric column but ``search_seed``); other columns keep their value when it is the same
-    in the whole group, else missing (None, or NaN in a string column)."""
-    import numpy as np
-    import pandas as pd
-    from scipy import stats
-
-    if by not in frame.columns:
-        raise ValueError(f"no column {by!r} to group by")
-    if metrics is None:
-        metrics = [c for c in frame.columns if c not in (by, "search_seed") and pd.api.types.is_numeric_dtype(frame[c])
-                   and not pd.api.types.is_bool_dtype(frame[c])]
-    metrics = list(metrics)
-    rows = []
-    for key, group in frame.groupby(by, sort=False):
-        row: dict[str, Any] = {by: key, "n": len(group)}
-        for column in frame.columns:
-            if column == by or column in metrics:
-                continue
-            values = group[column].tolist()
-            same = all(v == values[0] or (isinstance(v, float) and isinstance(values[0], float) and math.isnan(v) and math.isnan(values[0]))
-                       for v in values)
-            row[column] = values[0] if same else None
-        for column in metrics:
-            values = group[column].dropna().to_numpy(dtype=float)
-            n = len(values)
-            row[column] = float(values.mean()) if n else math.nan
-            if n >= 2:
-                row[f"{column}_ci95"] = float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n))
-            else:
-                row[f"{column}_ci95"] = math.nan
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-@dataclass(frozen=True)
-class Claim:
-    """One comparison on ``oracle_all``: ``value`` (the candidate) vs ``reference``; ``low``/``high``:
-    the 95% interval of ``value - reference``; ``verdict``: holds / does not hold / not shown."""
-
-    claim: str
-    candidate: str
-    reference: str
-    value: float
-    reference_value: float
-    low: float
-    high: float
-    clip: float
-    reference_clip: float
-    verdict: str
-
-    @property
-    def text(self) -> str:
-        return (f"**{self.claim}** — {self.candidate} vs {self.reference}: oracle_all {self.value:.3f} vs {self.reference_value:.3f} "
-                f"(difference {self.value - self.reference_value:+.3f}, 95% interval [{self.low:+.3f}, {self.high:+.3f}]; "
-                f"zoo CLIP {self.clip:.2f} vs {self.reference_clip:.2f}) → **{self.verdict}**")
-
-
-def _se(row) -> float:
-    """Standard error of a row's ``oracle_all``: binomial over its ``m`` evaluation images with the
-    Agresti-Caffo adjustment (one success and one failure added: ``p~ = (p m + 1) / (m + 2)``,
-    ``var = p~ (1 - p~) / (m + 2)``, so a row at 0 or 1 still has a width), plus, for rows averaged
-    over ``n >= 2`` search seeds, the seeds' ``s^2 / n`` (from the t half-width:
-    ``s / sqrt(n) = ci95 / t_{0.975, n-1}``)."""
-    from scipy import stats
-
-    p, images = float(row["oracle_all"]), float(row.get("images", math.nan))
-    variance = 0.0
-    if images and not math.isnan(images):
-        adjusted = (p * images + 1) / (images + 2)
-        variance = adjusted * (1 - adjusted) / (images + 2)
-    n = int(row.get("n", 1) or 1)
-    ci = row.get("oracle_all_ci95", math.nan)
-    if n >= 2 and ci is not None and not math.isnan(ci):
-        variance += (ci / stats.t.ppf(0.975, n - 1)) ** 2
-    return math.sqrt(variance)
-
-
-def _compare(summary, claim: str, candidate: str, reference: str) -> Claim | None:
-    rows = summary.set_index("label")
-    if candidate not in rows.index or reference not in rows.index:
-        return None
-    a, b = rows.loc[candidate], rows.loc[reference]
-    diff = float(a["oracle_all"]) - float(b["oracle_all"])
-    half = Z95 * math.hypot(_se(a), _se(b))
-    low, high = diff - half, diff + half
-    verdict = "holds" if low > 0 else "does not hold (worse)" if high < 0 else "not shown (difference within noise)"
-    return Claim(claim=claim, candidate=candidate, reference=reference, value=float(a["oracle_all"]), reference_value=float(b["oracle_all"]),
-                 low=low, high=high, clip=float(a["clip_score"]), reference_clip=float(b["clip_score"]), verdict=verdict)
-
-
-def _better(summary, names: Sequence[str]) -> str:
-    rows = summary.set_index("label")
-    return max(names, key=lambda n: float(rows.loc[n, "oracle_all"]))
-
-
-def claims(summary) -> list[Claim]:
-    """The article's claims checked on ``summary`` (:func:`summarize` of the rows), on ``oracle_all``.
-
-    The difference of two rows has the 95% interval ``d +- 1.96 sqrt(se_a^2 + se_b^2)`` (normal
-    approximation; ``se`` per row as in :func:`_se`: binomial over the evaluation images, plus the
-    spread over search seeds; the rows share their evaluation images, so this unpaired interval is
-    conservative). Verdict: holds (interval above 0), does not hold
-    (below 0), not shown (contains 0). Claims: (1) Checkpoint Merger 0.5 of shape+colour vs the
-    better parent, and the sweep's best alpha (chosen on the evaluation set: optimistic); (2) the
-    ensemble 0.6/0.4 vs the better parent, and vs the merge 0.5; the negative control's merge 0.5
-    vs the better of base/other_init; each optimized study (mean over seeds) vs the merge 0.5."""
-    out: list[Claim | None] = []
-    labels = set(summary["label"])
-    better = _better(summary, PAIR) if set(PAIR) <= labels else PAIR[0]
-    merge = "merge shape+colour 0.5"
-    out.append(_compare(summary, "(1) Checkpoint Merger 50/50 of two similar models improves on the better parent", merge, better))
-    inner = summary.iloc[0:0]
-    if "group" in summary.columns and "alpha" in summary.columns:
-        inner = summary[(summary["group"] == "merge") & (summary["alpha"] > 0) & (summary["alpha"] < 1)]
-    if len(inner):
-        best = inner.loc[inner["oracle_all"].idxmax(), "label"]
-        out.append(_compare(summary, "(1') Checkpoint Merger at the sweep's best alpha (picked on these images) improves on the better parent",
-                            best, better))
-    ensemble = f"ensemble shape+colour {_num(1 - ARTICLE_ALPHA)}/{_num(ARTICLE_ALPHA)}"
-    out.append(_compare(summary, "(2) the article's weight-ratio ensemble 0.6/0.4 improves significantly on the better parent", ensemble, better))
-    out.append(_compare(summary, "(2') the ensemble 0.6/0.4 (twice the UNet evaluations) beats the Checkpoint Merger 50/50", ensemble, merge))
-    if set(CONTROL) <= labels:
-        out.append(_compare(summary, "(control) Checkpoint Merger 50/50 of two models from different initialisations improves on the "
-                            "better one (expected not to)", "control base+other_init 0.5", _better(summary, CONTROL)))
-    for key in STUDIES:
-        label = f"optimized {key}"
-        if key == "negative-control":
-            if set(CONTROL) <= labels:
-                out.append(_compare(summary, "(evomerge) a 26-block search on the negative control beats its better parent", label,
-                                    _better(summary, CONTROL)))
-        else:
-            out.append(_compare(summary, f"(evomerge) the {key} search's best recipe (mean over search seeds) beats the Checkpoint Merger 50/50",
-                                label, merge))
-    return [c for c in out if c is not None]
-
-
-# ---------------------------------------------------------------------------------------------- outputs
-def _atomic_figure(figure, path: Path) -> Path:
-    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-
-
-def _cell(row, column: str) -> str:
-    value = row.get(column)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if column == "label" or isinstance(value, str):
-        return str(value)
-    digits = 2 if column == "clip_score" else 1 if column == "fid" else 0 if column == "unet_evals_per_image" else 3
-    ci = row.get(f"{column}_ci95")
-    text = f"{value:.{digits}f}"
-    if ci is not None and not (isinstance(ci, float) and math.isnan(ci)) and column != "unet_evals_per_image":
-        text += f" ± {ci:.{digits}f}"
-    return text
-
-
-def markdown_table(summary) -> str:
-    """The experiment table as Markdown: label, oracle digit/fg/bg/all, zoo CLIP, FID (InceptionV3 against
-    real renders of the same captions; biased upwards at 100 images, compare rows only), UNet evaluations
-    per image, seeds; ``mean ± 95% half-width`` where rows were averaged over search seeds."""
-    header = ["label", "digit", "fg", "bg", "all five", "zoo CLIP", "FID", "UNet evals / image", "seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for _, row in summary.iterrows():
-        cells = [_cell(row, c) for c in TABLE] + [str(int(row.get("n", 1)))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _pareto_table(pareto) -> str:
-    """The Pareto front as Markdown: trial, search CLIP and KID, held-out oracle and CLIP (when evaluated)."""
-    columns = [("trial", "trial", "{:d}"), ("search_clip", "search CLIP", "{:.2f}"), ("search_kid", "search KID", "{:.4f}"),
-               ("oracle_digit", "digit", "{:.3f}"), ("oracle_fg", "fg", "{:.3f}"), ("oracle_bg", "bg", "{:.3f}"),
-               ("oracle_all", "all five", "{:.3f}"), ("clip_score", "zoo CLIP", "{:.2f}")]
-    columns = [c for c in columns if c[0] in pareto.columns]
-    lines = ["| " + " | ".join(c[1] for c in columns) + " |", "|" + "---:|" * len(columns)]
-    for _, row in pareto.iterrows():
-        lines.append("| " + " | ".join(fmt.format(int(row[key]) if fmt == "{:d}" else float(row[key])) for key, _, fmt in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _plot_sweeps(summary, path: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(10, 4))
-    axes = figure.subplots(1, 2)
-    styles = {"merge": ("merge shape+colour (Checkpoint Merger)", "C0", "o"), "ensemble": ("ensemble shape+colour (output weights)", "C1", "s"),
-              "control": ("control: merge base+other_init", "C3", "^")}
-    for ax, metric, title in zip(axes, ("oracle_all", "clip_score"), ("oracle: all five attributes", "zoo CLIP score"), strict=True):
-        for group, (name, colour, marker) in styles.items():
-            rows = summary[summary["group"] == group].sort_values("alpha")
-            if len(rows):
-                ax.plot(rows["alpha"], rows[metric], marker=marker, color=colour, label=name)
-        for parent, colour in (("shape", "C4"), ("colour", "C2"), ("base", "0.5")):
-            match = summary[summary["label"] == parent]
-            if len(match):
-                ax.axhline(float(match[metric].iloc[0]), color=colour, linestyle=":", linewidth=1, label=f"{parent} alone")
-        ax.axvline(ARTICLE_ALPHA, color="0.7", linewidth=0.8)
-        ax.set_xlabel("alpha (weight of B: colour, resp. other_init)")
-        ax.set_title(title)
-    axes[0].legend(fontsize=7)
-    figure.suptitle("Weighted-sum and ensemble sweeps (held-out captions); grey line: the article's 0.6/0.4")
-    return _atomic_figure(figure, path)
-
-
-def _plot_histories(histories, path: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    keys = list(dict.fromkeys(histories["study"]))
-    figure = Figure(figsize=(3.2 * max(len(keys), 1), 3.2))
-    axes = figure.subplots(1, max(len(keys), 1), squeeze=False)[0]
-    for ax, key in zip(axes, keys, strict=False):
-        rows = histories[histories["study"] == key]
-        for seed, run in rows.groupby("search_seed"):
-            ax.plot(run["trial"], run["best"], drawstyle="steps-post", label=f"seed {seed}")
-            ax.scatter(run["trial"], run["value"], s=6, alpha=0.4)
-        ax.set_title(key)
-        ax.set_xlabel("trial")
-    axes[0].set_ylabel("zoo CLIP on search prompts (best so far)")
-    axes[0].legend(fontsize=7)
-    return _atomic_figure(figure, path)
-
-
-def _plot_blocks(recipes, blocks: Sequence[str], path: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    per_block = recipes[recipes["study"] != "global-tpe"] if len(recipes) else recipes
-    keys = list(dict.fromkeys(per_block["study"])) if len(per_block) else []
-    figure = Figure(figsize=(11, 2.6 * max(len(keys), 1)))
-    axes = figure.subplots(max(len(keys), 1), 1, squeeze=False)[:, 0]
-    for ax, key in zip(axes, keys, strict=False):
-        for _, row in per_block[per_block["study"] == key].iterrows():
-            ax.plot(range(len(blocks)), [row[b] for b in blocks], marker="o", markersize=3,
-                    label=f"seed {int(row['search_seed'])} (search CLIP {row['search_score']:.1f})")
-        ax.axhline(0.5, color="0.7", linewidth=0.8)
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_ylabel("alpha (B's weight)")
-        ax.set_title(f"best 26-block recipe: {key}")
-        ax.set_xticks(range(len(blocks)))
-        ax.set_xticklabels(blocks, rotation=90, fontsize=7)
-        ax.legend(fontsize=7)
-    figure.tight_layout()
-    return _atomic_figure(figure, path)
-
-
-def _plot_pareto(pareto, everything, path: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5, 4))
-    ax = figure.subplots()
-    ax.scatter(everything["kid"], everything["clip"], s=10, color="0.6", label="trials")
-    front = pareto.sort_values("search_kid")
-    ax.plot(front["search_kid"], front["search_clip"], marker="o", color="C3", label="Pareto front")
-    ax.set_xlabel("KID vs real renders (zoo-CLIP features, lower is better)")
-    ax.set_ylabel("zoo CLIP on search prompts")
-    ax.legend(fontsize=7)
-    ax.set_title("NSGA-II: prompt following vs realism")
-    return _atomic_figure(figure, path)
-
-
-def _plot_grid(evaluator: ArticleEvaluator, candidates: Sequence[Candidate], path: Path, *, images: int = 8) -> Path:
-    from matplotlib.figure import Figure
-
-    from optimizer.render.grid import grid_image
-
-    figure = Figure(figsize=(1.1 * images + 2.5, 1.05 * len(candidates) + 0.6))
-    axes = figure.subplots(len(candidates), 1, squeeze=False)[:, 0]
-    tile = 32 + 2  # grid_image: 32-pixel tiles, 2-pixel padding
-    for ax, candidate in zip(axes, candidates, strict=True):
-        ax.imshow(grid_image(evaluator.images(candidate, count=images), nrow=images))
-        ax.set_yticks([])
-        ax.set_xticks([])
-        ax.set_ylabel(candidate.label.replace("shape+colour ", "").replace(" ", "\n", 1), rotation=0, ha="right", va="center", fontsize=8)
-    captions = []
-    for sample in evaluator.evaluation.samples[:images]:
-        a = sample.attributes
-        captions.append(f"{a.digit} {a.fg}\non {a.bg}\n{a.thickness}\n{a.slant}")
-    axes[-1].set_xticks([2 + i * tile + 16 for i in range(len(captions))])
-    axes[-1].set_xticklabels(captions, fontsize=6)
-    figure.suptitle("First held-out captions, same seeds, side by side", fontsize=9)
-    return _atomic_figure(figure, path)
-
-
 @dataclass
 class ArticleResults:
     """What :func:`run_article` measured and wrote: ``rows`` (every evaluated row, one per search
