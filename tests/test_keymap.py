@@ -14,13 +14,8 @@ import torch
 from optimizer.architectures import detect_architecture, load_layout
 from optimizer.checkpoint.config_dir import CONFIG_NAMES, diffusers_config_dir
 from optimizer.checkpoint.diffusers_folder import read_diffusers_folder, write_diffusers_folder
-from optimizer.checkpoint.keymap import (
-    COMPONENT_PREFIXES,
-    _empty_model,
-    diffusers_to_ldm,
-    ldm_to_diffusers,
-    load_component_configs,
-)
+from optimizer.checkpoint.keymap import COMPONENT_PREFIXES, diffusers_to_ldm
+from optimizer.checkpoint.keymap_diffusers import empty_model, ldm_to_diffusers, load_component_configs
 from optimizer.checkpoint.types import CheckpointError
 from optimizer.errors import EvomergeError
 from optimizer.tiny_models import (
@@ -78,7 +73,7 @@ def full():
         if arch not in cache:
             config_dir = diffusers_config_dir(CONFIG_NAME[arch])
             configs = load_component_configs(config_dir)
-            sds = {c: _empty_model(c, configs[c]).state_dict() for c in COMPONENT_PREFIXES[arch]}
+            sds = {c: empty_model(c, configs[c]).state_dict() for c in COMPONENT_PREFIXES[arch]}
             ldm = diffusers_to_ldm(components=sds, architecture=arch, unet_config=configs["unet"], vae_config=configs["vae"])
             cache[arch] = (sds, ldm, config_dir)
         return cache[arch]

@@ -30,11 +30,12 @@ SD1 = load_layout("sd1")
 @pytest.fixture(scope="module")
 def sd15_targets():
     from optimizer.checkpoint.config_dir import diffusers_config_dir
-    from optimizer.checkpoint.keymap import _empty_model, diffusers_to_ldm, load_component_configs
+    from optimizer.checkpoint.keymap import diffusers_to_ldm
+    from optimizer.checkpoint.keymap_diffusers import empty_model, load_component_configs
 
     configs = load_component_configs(diffusers_config_dir("sd15"))
-    unet = _empty_model("unet", configs["unet"])
-    text = _empty_model("text_encoder", configs["text_encoder"])
+    unet = empty_model("unet", configs["unet"])
+    text = empty_model("text_encoder", configs["text_encoder"])
     ldm = diffusers_to_ldm(components={"unet": unet.state_dict(), "text_encoder": text.state_dict()}, architecture="sd1", unet_config=configs["unet"])
     return lora_targets(architecture="sd1", shapes={k: tuple(v.shape) for k, v in ldm.items()}, unet_config=configs["unet"])
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from optimizer.architectures import load_layout, parse_mbw
-from optimizer.checkpoint.keymap import ldm_to_diffusers
+from optimizer.checkpoint.keymap_diffusers import ldm_to_diffusers
 from optimizer.checkpoint.load import load_checkpoint
 from optimizer.cli import app
 from optimizer.merge import MergeRecipe, available_methods, get_method, merge_state_dicts_reference

@@ -90,13 +90,14 @@ def lora_targets(*, architecture: str, shapes: Mapping[str, Sequence[int]], unet
     underscores), and for an HF CLIP text tower its module path with and without ``text_model.``
     and the kohya ``lora_te_`` / ``lora_te1_`` name.
     """
-    from optimizer.checkpoint.keymap import _empty_model, _unet_mapper
+    from optimizer.checkpoint.keymap import _unet_mapper
+    from optimizer.checkpoint.keymap_diffusers import empty_model
 
     shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
     index: dict[tuple[str, str], str] = {}
     names: dict[str, str] = {}
     mapper = _unet_mapper(unet_config)
-    for key in _empty_model("unet", unet_config).state_dict():
+    for key in empty_model("unet", unet_config).state_dict():
         if not key.endswith(".weight"):
             continue
         ldm = UNET_PREFIX + mapper(key)

@@ -164,7 +164,8 @@ def to_diffusers(*, state_dict: Mapping[str, Tensor], layout: BlockLayout, confi
 def _sd_to_diffusers(*, state_dict, layout: BlockLayout, config_dir) -> Converted:
     """SD1 / SD2 / SDXL through keymap; OpenCLIP towers bound as views (diffusers' converter
     clones q/k/v and makes ``text_projection`` contiguous: views of the canonical tensors instead)."""
-    from optimizer.checkpoint.keymap import COMPONENT_PREFIXES, ldm_to_diffusers
+    from optimizer.checkpoint.keymap import COMPONENT_PREFIXES
+    from optimizer.checkpoint.keymap_diffusers import ldm_to_diffusers
 
     modules = ldm_to_diffusers(state_dict=state_dict, architecture=layout.name, config_dir=config_dir)
     for component, (prefix, text_format) in COMPONENT_PREFIXES[layout.name].items():
@@ -210,10 +211,10 @@ def empty_modules(*, layout: BlockLayout, config_dir: str | Path, names) -> dict
         configs = module_configs(config_dir, layout)
         classes = {m.name: m.cls for m in layout.spec.modules}
         return {n: build_empty_module(classes[n], configs[n], name=n) for n in names}
-    from optimizer.checkpoint.keymap import _empty_model, load_component_configs
+    from optimizer.checkpoint.keymap_diffusers import empty_model, load_component_configs
 
     configs = load_component_configs(config_dir)
-    return {n: _empty_model(n, configs[n]) for n in names}
+    return {n: empty_model(n, configs[n]) for n in names}
 
 
 def from_diffusers(*, modules: Mapping[str, Mapping[str, Tensor]], layout: BlockLayout, configs: Mapping[str, Mapping[str, Any]]) -> dict[str, Tensor]:

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from optimizer.atomic import atomic_folder, check_output
-from optimizer.checkpoint.keymap import COMPONENT_PREFIXES, diffusers_to_ldm, ldm_to_diffusers
+from optimizer.checkpoint.keymap import COMPONENT_PREFIXES, diffusers_to_ldm
+from optimizer.checkpoint.keymap_diffusers import ldm_to_diffusers
 from optimizer.checkpoint.types import CheckpointError
 
 __all__ = ["detect_folder_architecture", "read_diffusers_folder", "write_diffusers_folder"]
@@ -275,7 +276,7 @@ def write_diffusers_folder(
     ``config_dir`` is a config folder (:func:`~optimizer.checkpoint.config_dir.diffusers_config_dir`)
     whose component configs match the weights; all its files (``model_index.json``, scheduler,
     tokenizers, component configs) are copied, and each component's weights are converted with
-    :func:`~optimizer.checkpoint.keymap.ldm_to_diffusers` and saved as
+    :func:`~optimizer.checkpoint.keymap_diffusers.ldm_to_diffusers` and saved as
     ``diffusion_pytorch_model.safetensors`` / ``model.safetensors`` (HF CLIP text encoders with
     the classic ``text_model.*`` key names, which every transformers version loads; their
     ``config.json`` dtype is set to the saved weights' dtype). The result
