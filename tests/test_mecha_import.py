@@ -167,3 +167,31 @@ def test_the_cli_imports_finds_moved_parents_and_replays_to_sd_mechas_merge(pare
     result = runner.invoke(app, ["import", str(tmp_path / "moved.mecha"), "--parents", str(moved), "-o", str(tmp_path / "m.yaml")])
     assert result.exit_code == 0, result.output
     assert yaml.safe_load((tmp_path / "m.yaml").read_text())["parents"][0]["path"] == str((moved / "p0.safetensors").resolve())
+
+
+@pytest.mark.parametrize("architecture", ["sd3", "flux"])
+def test_dit_recipes_round_trip_and_a_merged_text_encoder_is_refused(architecture: str, tmp_path: Path) -> None:
+    """SD3 and Flux (sd-mecha's sd3-comfyui and flux-flux configs): an exported per-block recipe imports
+    as itself; sd-mecha's scalar weighted_sum, which merges the text encoders and VAE too, is one line."""
+    from sd_mecha.extensions import model_configs
+
+    from optimizer.study.mecha import MODEL_CONFIGS
+
+    keys = [k for k, meta in model_configs.resolve(MODEL_CONFIGS[architecture]).keys().items() if not meta.optional]
+    files = []
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        save_file({k: torch.randn(2, 3, generator=g) for k in keys}, str(tmp_path / f"{architecture}{seed}.safetensors"))
+        files.append(str(tmp_path / f"{architecture}{seed}.safetensors"))
+    layout = load_layout(architecture)
+    rng = random.Random(architecture)
+    recipe = MergeRecipe(method="weighted_sum", params={"alpha": {b: round(rng.uniform(0, 1), 4) for b in layout.blocks}}, seed=0)
+    (tmp_path / "best.mecha").write_text(mecha_text(recipe=recipe, layout=layout, parent_paths=files))
+    doc = import_mecha(tmp_path / "best.mecha")
+    assert doc["architecture"] == architecture and doc["recipe"]["merge_vae"] is False
+    for block, value in recipe.params["alpha"].items():
+        assert doc["recipe"]["params"]["alpha"][block] == pytest.approx(value, abs=1e-7)
+    a, b = (sd_mecha.model(f, MODEL_CONFIGS[architecture]) for f in files)
+    (tmp_path / "scalar.mecha").write_text(sd_mecha.serialize(sd_mecha.weighted_sum(a, b, alpha=0.3)))
+    with pytest.raises(ExportError, match=r"the components \(VAE, text encoders\) get 0.3 on .*copies them from the first parent"):
+        import_mecha(tmp_path / "scalar.mecha")

@@ -29,7 +29,7 @@ from optimizer.study.export import ExportError
 __all__ = ["MODEL_CONFIGS", "mecha_text"]
 
 #: evomerge architecture -> sd-mecha model config of its single-file (LDM / SGM) keys
-MODEL_CONFIGS = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}
+MODEL_CONFIGS = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm", "sd3": "sd3-comfyui", "flux": "flux-flux"}  # SD3.5 Large: no sd-mecha config
 EXPORTED = ("weighted_sum", "add_difference", "add_difference_clamped", "n_average")
 
 

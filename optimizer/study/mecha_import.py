@@ -17,7 +17,7 @@ of the models' sd-mecha config, 8 values each) and sd-mecha merges the recipe ov
 4. the candidate recipe is checked on a random probe: evomerge's own merge of the probe must equal
    sd-mecha's (for ``add_difference``, unclamped then clamped), or the file is refused.
 
-Supported: recipes over models of sd-mecha's ``sd1-ldm`` and ``sdxl-sgm`` configs, whatever graph
+Supported: recipes over models of sd-mecha's ``sd1-ldm``, ``sdxl-sgm``, ``sd3-comfyui`` (SD3 / 3.5 Medium) and ``flux-flux`` configs, whatever graph
 sd-mecha uses to express them (the exporter's per-key literal, block literals and their
 conversion, scalars, sd-mecha's composite ``add_difference``). The parents are the files the recipe
 names (relative paths from the recipe's folder), hashed for the document; ``parents_dir`` finds them
@@ -84,7 +84,8 @@ def block_params(values: Mapping[str, float], *, layout: BlockLayout) -> tuple[d
     if base is not None and all(abs(v - base) <= _TOLERANCE for _, v in component):
         return alpha, True
     key, value = next((k, v) for k, v in component if abs(v) > _TOLERANCE)
-    raise _fail(f"the VAE gets {value:.6g} on {key}: evomerge copies it from the first parent (0) or merges it with {VAE_PARAMS_BLOCK}'s value")
+    where = f"copies them from the first parent (0) or merges them with {VAE_PARAMS_BLOCK}'s value" if base is not None else "copies them from the first parent (0)"
+    raise _fail(f"the components (VAE, text encoders) get {value:.6g} on {key}: evomerge {where}")
 
 
 def _owner(layout: BlockLayout, key: str) -> str | None:
