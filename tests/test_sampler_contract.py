@@ -85,3 +85,19 @@ def test_a_bad_sampler_name_is_one_line_naming_the_field(name: str, needle: str,
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and "sampler.name" in lines[0] and needle in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_evomerge_samplers_lists_every_registered_sampler() -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from optimizer.cli import app
+
+    result = CliRunner().invoke(app, ["samplers", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["name"] for r in rows] == list(SAMPLERS)
+    assert {r["name"]: r["multi_objective"] for r in rows}["cmaes"] is False
+    text = CliRunner().invoke(app, ["samplers"]).output
+    assert "tpe (optuna.samplers._tpe.sampler.TPESampler)" in text and "module:Class" in text

@@ -1,4 +1,4 @@
-"""Study commands: ``study run`` / ``resume``, ``worker``, ``report``, ``export``, ``replay``, ``import``, ``dashboard``."""
+"""Study commands: ``study run`` / ``resume``, ``worker``, ``report``, ``export``, ``replay``, ``import``, ``dashboard``, ``samplers``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -312,3 +312,22 @@ def _check_port_free(port: int) -> None:
         except OSError as exc:
             why = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
             raise _fail(f"--port: port {port} on 127.0.0.1 {why}; give another --port") from None
+
+
+@app.command("samplers")
+def list_samplers(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False) -> None:
+    """List the registered samplers: the Optuna class, evomerge's defaults, whether they handle mode: pareto."""
+    import json
+
+    from optimizer.study.sampler_registry import SAMPLERS
+
+    rows = [{"name": e.name, "class": f"{(cls := e.factory()).__module__}.{cls.__qualname__}", "defaults": e.defaults,
+             "multi_objective": e.multi_objective, "needs": e.needs, "summary": e.summary} for e in SAMPLERS.values()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        extra = ", ".join(f"{k}={v}" for k, v in row["defaults"].items()) or "none"
+        typer.echo(f"{row['name']} ({row['class']}{'' if row['multi_objective'] else ', single-objective'}): {row['summary']}")
+        typer.echo(f"  defaults: {extra}" + (f"; needs {row['needs']}" if row["needs"] else ""))
+    typer.echo("or any optuna.samplers.BaseSampler subclass as module:Class")
