@@ -230,15 +230,17 @@ class FIDObjective:
         if width is not None and width != reference.shape[1]:
             raise ReferenceSetError(f"reference features are {reference.shape[1]}-d, the feature extractor gives {width}-d")
         self.frechet = FrechetDistance(feature=self.feature, reference=reference)
-        self.count = 0
+
+    @property
+    def count(self) -> int:
+        """Images seen since :meth:`reset`."""
+        return self.frechet.count
 
     def reset(self) -> None:
         self.frechet.reset()
-        self.count = 0
 
     def update(self, images: Tensor, *, prompts: Sequence[str] = ()) -> None:
         self.frechet.update(check_images(images).clamp(0, 1))
-        self.count += len(images)
 
     def compute(self) -> float:
         if self.count < 2:
