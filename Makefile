@@ -18,7 +18,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m optimizer.demo
+	HF_HUB_OFFLINE=1 $(BIN)/python -m optimizer.zoo.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"

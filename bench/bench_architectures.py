@@ -59,7 +59,7 @@ def _write_parent(path: Path, components: dict, architecture: str) -> Path:
     from safetensors.torch import save_file
 
     if architecture in ("sd1", "sd2", "sdxl"):
-        from optimizer.tiny_models import tiny_ldm_state_dict
+        from optimizer.testing.tiny_models import tiny_ldm_state_dict
 
         state = tiny_ldm_state_dict(components, architecture)
     else:
@@ -75,8 +75,8 @@ def _write_parent(path: Path, components: dict, architecture: str) -> Path:
 def _config_dir(architecture: str, components: dict, *, tiny: bool) -> Path:
     from optimizer.architectures.layout import load_layout
     from optimizer.checkpoint.config_dir import diffusers_config_dir
-    from optimizer.tiny_dit import t5_tokenizer_json, tiny_dit_config_dir
-    from optimizer.tiny_models import tiny_config_dir
+    from optimizer.testing.tiny_dit import t5_tokenizer_json, tiny_dit_config_dir
+    from optimizer.testing.tiny_models import tiny_config_dir
 
     if tiny:
         return tiny_config_dir(components, architecture) if architecture == "sdxl" else tiny_dit_config_dir(components, "flux-dev")
@@ -104,8 +104,8 @@ def run(architecture: str, *, tiny: bool, trials: int, prompts: int, steps: int,
     files = []
     for seed in (0, 1):
         if tiny:
-            from optimizer.tiny_dit import tiny_dit_components
-            from optimizer.tiny_models import tiny_sdxl_components
+            from optimizer.testing.tiny_dit import tiny_dit_components
+            from optimizer.testing.tiny_models import tiny_sdxl_components
 
             components = tiny_sdxl_components(seed) if architecture == "sdxl" else tiny_dit_components("flux-dev", seed)
         else:

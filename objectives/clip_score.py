@@ -4,8 +4,11 @@
 seen since ``reset``: ``100 * max(cos(E_img(image), E_txt(prompt)), 0)``, with unit-norm embeddings.
 Build it from an open_clip model name with a pretrained tag or a local weights file
 (:meth:`CLIPScoreObjective.from_pretrained`: ``"ViT-L-14"`` with ``"openai"`` is what SD users expect;
-nothing is downloaded when a path is given), or from a loaded model and tokenizer. The zoo's tiny
-model (``"evomerge-digits-clip"``) is registered with open_clip on request, so it loads the same way.
+nothing is downloaded when a path is given), or from a loaded model and tokenizer. A model that
+open_clip does not know is looked up among the installed plug-ins (entry-point group
+``evomerge.open_clip_models``, see :mod:`optimizer.plugins`), which register it with open_clip on
+request: the embedded zoo's tiny ``"evomerge-digits-clip"`` loads that way, named with its weights
+file like any other model. A study that names no model gets ``ViT-L-14`` with OpenAI's weights.
 
 Images are float ``[N, 3, H, W]`` in [0, 1]; they are resized to the model's input size (bicubic,
 antialiased) and normalised with the model's mean/std here, without a PIL round trip.
@@ -22,24 +25,25 @@ from pydantic import Field
 
 from objectives.base import MeanScore, ObjectiveError, check_images
 from objectives.registry import BuildContext, ScorerSettings, register_scorer
+from objectives.settings import PathOrTag, is_path_like
 
-#: the open_clip model a study uses when it names none: the demo zoo's tiny digits CLIP
-DEFAULT_CLIP_MODEL = "evomerge-digits-clip"
+#: the open_clip model and weights a study uses when it names none: what SD users mean by "CLIP score"
+DEFAULT_CLIP_MODEL = "ViT-L-14"
+DEFAULT_CLIP_WEIGHTS = "openai"
 
 
 class OpenCLIPSettings(ScorerSettings):
-    """An open_clip model: a name from ``open_clip.list_models()`` and its weights."""
+    """An open_clip model: a name from ``open_clip.list_models()`` (or a plug-in's) and its weights."""
 
     clip_model: str = Field(default=DEFAULT_CLIP_MODEL, description="open_clip model name, e.g. ViT-L-14")
-    clip_weights: str | None = Field(default=None, description="open_clip pretrained tag or a local weights file")
+    clip_weights: PathOrTag = Field(default=DEFAULT_CLIP_WEIGHTS,
+                                    description="open_clip pretrained tag (e.g. openai, downloaded by open_clip) or a local weights file")
 
 
 def shared_open_clip(settings: OpenCLIPSettings, *, context: BuildContext):
     """``(model, tokenizer)`` of ``settings``, loaded once per study (CLIP score, the aesthetic head
-    and CLIP-feature FID share it). The zoo CLIP without weights loads the committed zoo's file."""
-    from optimizer.zoo.paths import clip_weights_or_zoo
-
-    weights = clip_weights_or_zoo(settings.clip_model, settings.clip_weights)
+    and CLIP-feature FID share it)."""
+    weights = settings.clip_weights
     key = ("open_clip", settings.clip_model, weights, context.device)
     return context.shared(key, lambda: load_open_clip(settings.clip_model, pretrained=weights, device=context.device))
 
@@ -114,19 +118,41 @@ def clip_score(model, tokenizer, images: torch.Tensor, captions: Sequence[str], 
 
 
 def load_open_clip(model_name: str, *, pretrained: str | os.PathLike[str] | None = None, device: str | torch.device = "cpu"):
-    """``(model, tokenizer)`` in eval mode: open_clip's own loader, plus the zoo's model on request."""
+    """``(model, tokenizer)`` in eval mode: open_clip's own loader; a model open_clip does not know is
+    registered by the installed plug-in of that name first (group ``evomerge.open_clip_models``).
+
+    ``pretrained``: a local weights file, or a pretrained tag open_clip downloads (``"openai"``);
+    ``None`` is random weights (tests only). Every failure is one :class:`ObjectiveError` line."""
     import open_clip
 
-    from optimizer.zoo.clip_model import MODEL_NAME, register_zoo_clip
+    from optimizer.plugins import OPEN_CLIP_GROUP, entry_point
 
-    if model_name == MODEL_NAME:
-        register_zoo_clip()
+    if model_name not in open_clip.list_models():
+        try:
+            register = entry_point(OPEN_CLIP_GROUP, model_name)
+        except ValueError as exc:
+            raise ObjectiveError(str(exc)) from None
+        if register is not None:
+            register()
     if model_name not in open_clip.list_models():
         raise ObjectiveError(f"unknown open_clip model {model_name!r} (open_clip.list_models() lists the known ones)")
-    if pretrained is not None and os.path.sep in str(pretrained) and not os.path.isfile(pretrained):
+    if pretrained is not None and is_path_like(str(pretrained)) and not os.path.isfile(pretrained):
         raise ObjectiveError(f"no CLIP weights file at {pretrained}")
-    model = open_clip.create_model(model_name, pretrained=str(pretrained) if pretrained is not None else None, device=device)
+    if pretrained is not None and not os.path.isfile(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if str(pretrained) not in tags:
+            known = ", ".join(tags) if tags else "none: give a local weights file"
+            raise ObjectiveError(f"{model_name} has no open_clip pretrained tag {str(pretrained)!r} (its tags: {known})")
+    try:
+        model = open_clip.create_model(model_name, pretrained=str(pretrained) if pretrained is not None else None, device=device)
+    except (OSError, RuntimeError, ValueError) as exc:  # no network (HF_HUB_OFFLINE), a broken download or file
+        first = " ".join(str(exc).split())[:200]
+        raise ObjectiveError(
+            f"cannot load open_clip {model_name} weights {str(pretrained)!r} ({type(exc).__name__}: {first}); "
+            "offline, give clip_weights a local file"
+        ) from None
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(model_name)
+
 
 
 @register_scorer
@@ -137,7 +163,7 @@ class CLIPScoreObjective(MeanScore):
     name = "clip"
     higher_is_better = True
     Settings = OpenCLIPSettings
-    weights = "open_clip weights: a pretrained tag (downloaded by open_clip) or a local file; the zoo CLIP ships with studies/zoo"
+    weights = "open_clip weights: a pretrained tag (downloaded by open_clip; default ViT-L-14 openai) or a local file"
     direction = "maximize"
 
     def __init__(self, *, model, tokenizer, batch_size: int = 64, name: str = "clip") -> None:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from optimizer.config_errors import describe_validation_error
 
-__all__ = ["LocalPath", "PathOption", "canonical_shared", "merged_settings", "path_options", "resolve_paths", "unknown_shared"]
+__all__ = ["LocalPath", "PathOption", "PathOrTag", "TagOrPathOption", "canonical_shared", "is_path_like", "merged_settings", "path_options", "resolve_paths", "unknown_shared"]
 
 
 class PathOption:
@@ -30,6 +30,20 @@ class PathOption:
 LocalPath = Annotated[str, PathOption()]
 
 
+class TagOrPathOption(PathOption):
+    """Marker: this option is a library's name for downloadable weights (``openai``) or a local file;
+    a value that looks like a path (a separator, ``~``, ``.`` or a file suffix) is resolved like a path."""
+
+
+#: a settings field holding a pretrained tag or a local path
+PathOrTag = Annotated[str, TagOrPathOption()]
+
+
+def is_path_like(value: str) -> bool:
+    """``value`` names a file or folder rather than a tag: it has a separator, starts with ``~``/``.``, or has a suffix."""
+    return "/" in value or os.path.sep in value or value.startswith(("~", ".")) or Path(value).suffix != ""
+
+
 def path_options(settings: type) -> set[str]:
     """Names of the path options of a settings model."""
     return {name for name, field in settings.model_fields.items() if any(isinstance(m, PathOption) for m in field.metadata)}
@@ -38,8 +52,10 @@ def path_options(settings: type) -> set[str]:
 def resolve_paths(settings: type, values: Mapping[str, Any], *, base: Path) -> dict[str, Any]:
     """``values`` with each path option made absolute against ``base`` (``~`` expanded)."""
     out = dict(values)
+    fields = settings.model_fields
     for name in path_options(settings) & set(out):
-        if isinstance(out[name], str):
+        tag_or_path = any(isinstance(m, TagOrPathOption) for m in fields[name].metadata)
+        if isinstance(out[name], str) and (not tag_or_path or is_path_like(out[name])):
             path = Path(os.path.expanduser(out[name]))
             out[name] = str(path if path.is_absolute() else (base / path).resolve())
     return out

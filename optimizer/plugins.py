@@ -1,11 +1,25 @@
-"""Plug-ins named ``module:Attribute`` (a scorer class, a sampler class): the one importer."""
+"""Plug-ins: objects named ``module:Attribute`` (a scorer class, a sampler class) and installed
+packages' entry points, found by one importer.
+
+Entry-point groups evomerge reads (declared in a package's ``pyproject.toml``):
+
+* ``evomerge.commands``: ``NAME = "module:register"``; ``register(app)`` adds commands to the
+  ``evomerge`` command line (the embedded zoo's ``evomerge zoo ...`` arrives this way);
+* ``evomerge.open_clip_models``: ``MODEL = "module:register"``; ``register()`` adds the open_clip
+  architecture ``MODEL`` to open_clip's registry, called when a study names that model (the zoo's
+  ``evomerge-digits-clip`` arrives this way).
+"""
 
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-__all__ = ["import_object"]
+__all__ = ["COMMANDS_GROUP", "OPEN_CLIP_GROUP", "entry_point", "group_entry_points", "import_object"]
+
+COMMANDS_GROUP = "evomerge.commands"
+OPEN_CLIP_GROUP = "evomerge.open_clip_models"
 
 
 def import_object(spec: str) -> Any:
@@ -22,3 +36,20 @@ def import_object(spec: str) -> Any:
         if found is None:
             raise ValueError(f"{module_name} has no {attribute}")
     return found
+
+
+def group_entry_points(group: str) -> list[EntryPoint]:
+    """The installed entry points of ``group``, sorted by name (a stable order for help texts)."""
+    return sorted(entry_points(group=group), key=lambda point: point.name)
+
+
+def entry_point(group: str, name: str) -> Any | None:
+    """The object the entry point ``name`` of ``group`` names, loaded; ``None`` if no package declares it.
+    ``ValueError`` if it is declared but cannot be loaded (a broken plug-in is named, not skipped)."""
+    for point in group_entry_points(group):
+        if point.name == name:
+            try:
+                return point.load()
+            except (ImportError, AttributeError) as exc:
+                raise ValueError(f"the {group} plug-in {name} ({point.value}) cannot be loaded: {exc}") from None
+    return None

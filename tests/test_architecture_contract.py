@@ -68,8 +68,8 @@ def test_merge_identities_hold(tiny: dict) -> None:
 
 def test_canonical_keys_convert_to_diffusers_modules_and_back(tiny: dict) -> None:
     from optimizer.checkpoint.convert import from_diffusers, to_diffusers
-    from optimizer.tiny_dit import tiny_dit_config_dir
-    from optimizer.tiny_models import tiny_config_dir
+    from optimizer.testing.tiny_dit import tiny_dit_config_dir
+    from optimizer.testing.tiny_models import tiny_config_dir
 
     layout = load_layout(tiny["name"])
     state = tiny["dicts"][0]
@@ -80,7 +80,7 @@ def test_canonical_keys_convert_to_diffusers_modules_and_back(tiny: dict) -> Non
         build = {"sd1": tiny_models.tiny_sd1_components, "sd2": tiny_models.tiny_sd2_components, "sdxl": tiny_models.tiny_sdxl_components}[name]
         config_dir = tiny_config_dir(build(0), name)
     else:
-        from optimizer.tiny_dit import tiny_dit_components
+        from optimizer.testing.tiny_dit import tiny_dit_components
 
         config_dir = tiny_dit_config_dir(tiny_dit_components(name, 0), name)
     import json

@@ -27,7 +27,7 @@ from optimizer.checkpoint.convert import from_diffusers, to_diffusers
 from optimizer.checkpoint.key_rules import KeyRules
 from optimizer.checkpoint.load import load_checkpoint
 from optimizer.cli import app
-from optimizer.tiny_dit import (
+from optimizer.testing.tiny_dit import (
     TINY_DIT_VARIANTS,
     tiny_dit_canonical_state_dict,
     tiny_dit_components,

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from optimizer.cli import app
-from optimizer.tiny_models import tiny_config_dir, tiny_sd1_components, write_tiny_ldm
+from optimizer.testing.tiny_models import tiny_config_dir, tiny_sd1_components, write_tiny_ldm
 from optimizer.zoo import paths
 from tests.study_cli import evomerge_command, subprocess_env
 

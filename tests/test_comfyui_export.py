@@ -144,7 +144,7 @@ def test_the_workflow_has_the_shape_of_workflows_comfyui_saves(tmp_path: Path) -
 
 
 def test_bare_transformer_parents_load_with_unet_loader_and_save_with_model_save(tmp_path: Path) -> None:
-    from optimizer.tiny_dit import tiny_dit_canonical_state_dict, tiny_dit_components
+    from optimizer.testing.tiny_dit import tiny_dit_canonical_state_dict, tiny_dit_components
 
     layout = load_layout("flux")
     paths = []

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_runs_a_study_compares_on_held_out_prompts_and_exports_the_best(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     env.update(EVOMERGE_ZOO=str(paths.default_zoo_dir()), EVOMERGE_DEMO_TRIALS="5", HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "optimizer.demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-m", "optimizer.zoo.demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "5 trials in" in out and "held-out prompts (never seen by the search)" in out

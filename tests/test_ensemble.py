@@ -324,7 +324,7 @@ def test_text_encoder_width_must_match_the_unet(tiny, tokenizer_dir: Path) -> No
 def test_sdxl_is_rejected(tokenizer_dir: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    from optimizer.tiny_models import tiny_sdxl_components
+    from optimizer.testing.tiny_models import tiny_sdxl_components
     from optimizer.zoo.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from optimizer.cli import app
-from optimizer.tiny_models import tiny_config_dir, tiny_sd1_components, tiny_sd2_components, tiny_sdxl_components, write_tiny_ldm
+from optimizer.testing.tiny_models import tiny_config_dir, tiny_sd1_components, tiny_sd2_components, tiny_sdxl_components, write_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -110,7 +110,7 @@ def test_bad_input_is_one_line(merge: dict, tmp_path: Path) -> None:
 
 
 def test_a_dit_model_is_refused_with_one_line(tmp_path: Path) -> None:
-    from optimizer.tiny_dit import tiny_dit_components, write_tiny_dit_single_file
+    from optimizer.testing.tiny_dit import tiny_dit_components, write_tiny_dit_single_file
 
     files = [write_tiny_dit_single_file(tmp_path / f"{s}.safetensors", tiny_dit_components("flux-schnell", seed=s), "flux-schnell") for s in (0, 1)]
     result = runner.invoke(app, ["extract-lora", *map(str, files), "-o", str(tmp_path / "x.safetensors")])

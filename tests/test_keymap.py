@@ -18,7 +18,7 @@ from optimizer.checkpoint.keymap import COMPONENT_PREFIXES, diffusers_to_ldm
 from optimizer.checkpoint.keymap_diffusers import empty_model, ldm_to_diffusers, load_component_configs
 from optimizer.checkpoint.types import CheckpointError
 from optimizer.errors import EvomergeError
-from optimizer.tiny_models import (
+from optimizer.testing.tiny_models import (
     CONFIG_NAME,
     component_state_dicts,
     tiny_config_dir,

@@ -15,7 +15,7 @@ from optimizer.checkpoint.keymap_diffusers import ldm_to_diffusers
 from optimizer.checkpoint.load import load_checkpoint
 from optimizer.cli import app
 from optimizer.merge import MergeRecipe, available_methods, get_method, merge_state_dicts_reference
-from optimizer.tiny_models import tiny_config_dir, tiny_sd1_components, tiny_sdxl_components, write_tiny_diffusers, write_tiny_ldm
+from optimizer.testing.tiny_models import tiny_config_dir, tiny_sd1_components, tiny_sdxl_components, write_tiny_diffusers, write_tiny_ldm
 from tests.merge_cases import parents_for
 
 MBW = "1,0,0,0,0.25,0,0,0,0,0,0,0,0,0.5,1,1,1,1,0.75,1,1,1,1,1,1,0.1"
@@ -210,7 +210,7 @@ def test_sd2_single_file_with_unused_last_layer_merges_with_a_diffusers_folder(t
     """A1111 SD2 files carry the last OpenCLIP layer and text_projection, which diffusers folders
     drop (SD2 conditions on the penultimate layer): the two formats merge, the unused keys are
     copied from the single file, and a genuinely different key set is still refused."""
-    from optimizer.tiny_models import tiny_ldm_state_dict, tiny_sd2_components
+    from optimizer.testing.tiny_models import tiny_ldm_state_dict, tiny_sd2_components
 
     components = [tiny_sd2_components(seed=s) for s in range(2)]
     a1111 = tiny_ldm_state_dict(components[0], "sd2")

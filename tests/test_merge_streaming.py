@@ -17,7 +17,7 @@ from optimizer.architectures.layout import load_layout
 from optimizer.cli import app
 from optimizer.merge import Merger, MergeRecipe, ParentBank, available_methods, get_method
 from optimizer.merge.errors import MergeError
-from optimizer.tiny_models import tiny_ldm_state_dict, tiny_sd1_components, write_tiny_ldm
+from optimizer.testing.tiny_models import tiny_ldm_state_dict, tiny_sd1_components, write_tiny_ldm
 
 runner = CliRunner()
 SD1 = load_layout("sd1")

@@ -19,7 +19,7 @@ from optimizer.cli import app
 from optimizer.study.config import load_study_config
 from optimizer.study.runner import StudyRunner, run_study
 from optimizer.study.storage import StudyFolder
-from optimizer.tiny_models import tiny_config_dir, tiny_sd1_components, write_tiny_ldm
+from optimizer.testing.tiny_models import tiny_config_dir, tiny_sd1_components, write_tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()

@@ -100,8 +100,8 @@ def test_bad_input_is_one_line_and_writes_nothing(inputs: dict[str, Path], args:
 
 @pytest.mark.parametrize("architecture", ["sdxl", "sd3", "flux-schnell"])
 def test_compare_renders_tiny_checkpoints_of_other_architectures(architecture: str, tmp_path: Path) -> None:
-    from optimizer.tiny_dit import tiny_dit_components, tiny_dit_config_dir, write_tiny_dit_single_file
-    from optimizer.tiny_models import tiny_config_dir, tiny_sdxl_components, write_tiny_ldm
+    from optimizer.testing.tiny_dit import tiny_dit_components, tiny_dit_config_dir, write_tiny_dit_single_file
+    from optimizer.testing.tiny_models import tiny_config_dir, tiny_sdxl_components, write_tiny_ldm
 
     if architecture == "sdxl":
         models = [tiny_sdxl_components(s) for s in (0, 1)]

@@ -266,7 +266,7 @@ def _tiny_pipeline(variant: str = "sd"):
     from diffusers import EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
-    from optimizer.tiny_models import tiny_config_dir, tiny_sd1_components, tiny_sdxl_components
+    from optimizer.testing.tiny_models import tiny_config_dir, tiny_sd1_components, tiny_sdxl_components
 
     if variant == "sdxl":
         components = tiny_sdxl_components(seed=0)

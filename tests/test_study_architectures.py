@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from optimizer.cli import app
-from optimizer.tiny_models import (
+from optimizer.testing.tiny_models import (
     tiny_config_dir,
     tiny_sd1_components,
     tiny_sd2_components,

@@ -10,7 +10,7 @@ import pytest
 
 from optimizer.adapters.hypernetwork import load_hypernetwork
 from optimizer.adapters.lora import load_loras
-from optimizer.experiments.candidates import Candidate, CandidateEvaluator
+from optimizer.zoo.candidates import Candidate, CandidateEvaluator
 from optimizer.merge_files import load_parents
 from optimizer.study.pipeline import unet_config
 from optimizer.zoo import paths

@@ -21,6 +21,6 @@ def tiny_state_dict(architecture: str, seed: int = 0) -> dict[str, torch.Tensor]
 
         build = {"sd1": tiny_models.tiny_sd1_components, "sd2": tiny_models.tiny_sd2_components, "sdxl": tiny_models.tiny_sdxl_components}[name]
         return tiny_models.tiny_ldm_state_dict(build(seed), name)
-    from optimizer.tiny_dit import tiny_dit_canonical_state_dict, tiny_dit_components
+    from optimizer.testing.tiny_dit import tiny_dit_canonical_state_dict, tiny_dit_components
 
     return tiny_dit_canonical_state_dict(tiny_dit_components(name, seed), name)

@@ -90,13 +90,13 @@ def lora_targets(*, architecture: str, shapes: Mapping[str, Sequence[int]], unet
     underscores), and for an HF CLIP text tower its module path with and without ``text_model.``
     and the kohya ``lora_te_`` / ``lora_te1_`` name.
     """
-    from optimizer.checkpoint.keymap import _unet_mapper
+    from optimizer.checkpoint.keymap import unet_mapper
     from optimizer.checkpoint.keymap_diffusers import empty_model
 
     shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
     index: dict[tuple[str, str], str] = {}
     names: dict[str, str] = {}
-    mapper = _unet_mapper(unet_config)
+    mapper = unet_mapper(unet_config)
     for key in empty_model("unet", unet_config).state_dict():
         if not key.endswith(".weight"):
             continue
@@ -322,10 +322,10 @@ def dit_lora_targets(*, layout: BlockLayout, shapes: Mapping[str, Sequence[int]]
     record's key rules (``transformer.transformer_blocks.0.attn.to_q``: a row range of ``qkv``,
     found by converting a meta tensor of the weight's shape) and of the text encoders.
     """
-    from optimizer.checkpoint.convert import _rules_of
+    from optimizer.checkpoint.convert import rules_of
 
     shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
-    rules = _rules_of(layout)
+    rules = rules_of(layout)
     index: dict[tuple[str, str], str] = {}
     names: dict[str, str] = {}
     pieces: dict[tuple[str, str], Pieces] = {}

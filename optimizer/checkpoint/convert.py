@@ -55,7 +55,8 @@ def _rules(layout_name: str) -> KeyRules:
     return KeyRules(load_layout(layout_name).spec.key_rules)
 
 
-def _rules_of(layout: BlockLayout) -> KeyRules:
+def rules_of(layout: BlockLayout) -> KeyRules:
+    """The key rules (which key belongs to which block) shipped for ``layout``'s name, else those the layout declares."""
     try:
         return _rules(layout.name)
     except Exception:  # noqa: BLE001 - a layout parsed from text, not shipped
@@ -152,7 +153,7 @@ def to_diffusers(*, state_dict: Mapping[str, Tensor], layout: BlockLayout, confi
         elif module.scheme == "ldm_vae":
             converted = sfu.convert_ldm_vae_checkpoint({_VAE_PREFIX + k: v for k, v in part.items()}, dict(config))
         else:
-            converted, fresh = _rules_of(layout).to_diffusers(part)
+            converted, fresh = rules_of(layout).to_diffusers(part)
         _check_fit(converted, expected, name=module.name, source=str(config_dir))
         modules[module.name] = {k: converted[k] for k in expected}
         new[module.name] = {k: module.prefix + v for k, v in fresh.items()}
@@ -201,7 +202,7 @@ def _openclip_views(converted: dict[str, Tensor], state_dict: Mapping[str, Tenso
 def recompute(*, layout: BlockLayout, canonical_key: str, diffusers_key: str, tensor: Tensor) -> Tensor:
     """The diffusers tensor ``diffusers_key`` computed again from its canonical tensor (after a merge)."""
     module = next(m for m in layout.spec.modules if canonical_key.startswith(m.prefix))
-    converted, _ = _rules_of(layout).to_diffusers({canonical_key[len(module.prefix):]: tensor})
+    converted, _ = rules_of(layout).to_diffusers({canonical_key[len(module.prefix):]: tensor})
     return converted[diffusers_key]
 
 
@@ -254,6 +255,6 @@ def from_diffusers(*, modules: Mapping[str, Mapping[str, Tensor]], layout: Block
                 ldm, value = _vae_convert(key, tensor, n_up)
                 out[module.prefix + ldm] = value
         else:
-            for key, tensor in _rules_of(layout).from_diffusers(sd).items():
+            for key, tensor in rules_of(layout).from_diffusers(sd).items():
                 out[module.prefix + key] = tensor
     return out

@@ -177,7 +177,7 @@ def _cfg_int(config: Mapping[str, Any], name: str, component: str) -> int:
     return value
 
 
-def _unet_mapper(config: Mapping[str, Any]):
+def unet_mapper(config: Mapping[str, Any]):
     """Build ``diffusers key -> LDM key (without prefix)`` for a UNet2DConditionModel config."""
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
@@ -400,7 +400,7 @@ def diffusers_to_ldm(
         if component == "unet":
             if unet_config is None:
                 raise CheckpointError("diffusers_to_ldm: unet_config is required to convert the unet")
-            mapper = _unet_mapper(unet_config)
+            mapper = unet_mapper(unet_config)
             part: dict[str, torch.Tensor] = {}
             origin: dict[str, str] = {}
             for key, tensor in sd.items():

@@ -8,7 +8,8 @@ from typer.core import TyperGroup
 from optimizer.errors import EvomergeError
 
 
-def _fail(message: str) -> typer.Exit:
+def fail(message: str) -> typer.Exit:
+    """The exit of a command refusing bad input: ``error: MESSAGE`` on one line of stderr, exit code 2 (``raise fail(...)``)."""
     typer.secho(f"error: {' '.join(str(message).split())}", err=True, fg=typer.colors.RED)
     return typer.Exit(code=2)
 
@@ -31,7 +32,7 @@ class GuardedGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except EvomergeError as exc:
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
         except BrokenPipeError:  # `evomerge inspect x | head`: the reader left; stop quietly, as cat does
             import os
             import sys
@@ -39,7 +40,7 @@ class GuardedGroup(TyperGroup):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(code=141) from None
         except OSError as exc:
-            raise _fail(os_error_line(exc)) from None
+            raise fail(os_error_line(exc)) from None
         except KeyboardInterrupt:
             typer.secho("interrupted", err=True, fg=typer.colors.RED)
             raise typer.Exit(code=130) from None

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from optimizer.cli.base import _fail, _study_errors, app
+from optimizer.cli.base import _study_errors, app, fail
 from optimizer.errors import EvomergeError
 
 
@@ -29,7 +29,7 @@ def render(
         written = render_candidate(candidate, prompt_set=load_prompt_set(prompts), output=output, split=_split(split), parents_dir=parents,
                                    config_dir=config, device=device, overwrite=overwrite)
     except (*_study_errors(), EvomergeError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(f"{candidate} -> {written}")
 
 
@@ -53,11 +53,11 @@ def compare(
         written = compare_candidates(candidates, prompt_set=load_prompt_set(prompts), output=output, split=_split(split), labels=label or None,
                                      parents_dir=parents, config_dir=config, device=device, overwrite=overwrite)
     except (*_study_errors(), EvomergeError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(f"{len(candidates)} candidates -> {written}")
 
 
 def _split(split: str) -> str:
     if split not in ("held_out", "search"):
-        raise _fail(f"--split {split!r}: use held_out or search")
+        raise fail(f"--split {split!r}: use held_out or search")
     return split

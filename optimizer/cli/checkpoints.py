@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from optimizer.cli.base import _fail, _study_errors, app
+from optimizer.cli.base import _study_errors, app, fail
 from optimizer.errors import EvomergeError
 
 
@@ -26,7 +26,7 @@ def inspect(
     try:
         info = describe_checkpoint(load_checkpoint(path))
     except (CheckpointError, LayoutError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -62,7 +62,7 @@ def _parse_params(values: list[str]) -> dict[str, str]:
     for item in values:
         name, sep, value = item.partition("=")
         if not sep or not name.strip() or not value.strip():
-            raise _fail(f"--param takes NAME=VALUE or NAME=MBW-STRING, got {item!r}")
+            raise fail(f"--param takes NAME=VALUE or NAME=MBW-STRING, got {item!r}")
         parsed[name.strip()] = value.strip()
     return parsed
 
@@ -82,12 +82,12 @@ def _cli_loras(items: list[str], *, parents, config: Path | None):
     for item in items:
         m = _LORA_ARG.match(item)
         if m is None:
-            raise _fail(f"--lora takes PATH[:STRENGTH[:LBW]], got {item!r}")
+            raise fail(f"--lora takes PATH[:STRENGTH[:LBW]], got {item!r}")
         path = Path(m.group("path"))
         specs.append((path, float(m.group("strength") or 1.0), m.group("lbw")))
     names = [p.stem for p, _, _ in specs]
     if len(set(names)) != len(names):
-        raise _fail(f"--lora: two LoRA files share a name {names}; rename one")
+        raise fail(f"--lora: two LoRA files share a name {names}; rename one")
     loaded = load_loras([(p.stem, p) for p, _, _ in specs], bank=parents.bank, unet_config=unet_config(parents, config_dir=config))
     layout = parents.bank.layout
     strengths = {}
@@ -127,15 +127,15 @@ def merge(
     from optimizer.merge_files import check_merged_output, load_parents, merge_to_file, recipe_from_strings
 
     if alpha is not None and mbw is not None:
-        raise _fail("give --alpha or --mbw, not both")
+        raise fail("give --alpha or --mbw, not both")
     if output_format not in ("safetensors", "bare", "diffusers"):
-        raise _fail(f"--format: unknown output format {output_format!r}; use safetensors, bare or diffusers")
+        raise fail(f"--format: unknown output format {output_format!r}; use safetensors, bare or diffusers")
     try:
         merge_method = get_method(method)
         params = _parse_params(param)
         if alpha is not None or mbw is not None:
             if "alpha" in params:
-                raise _fail("alpha given twice (--alpha/--mbw and --param alpha=...)")
+                raise fail("alpha given twice (--alpha/--mbw and --param alpha=...)")
             params["alpha"] = mbw if mbw is not None else repr(alpha)
         _check_uniform_params(merge_method, params, n_parents=len(parents))
         check_merged_output(output, output_format=output_format, overwrite=overwrite)
@@ -155,7 +155,7 @@ def merge(
             overwrite=overwrite, loras=loras, warn=lambda text: typer.secho(f"warning: {text}", err=True, fg=typer.colors.YELLOW),
         )
     except (CheckpointError, LayoutError, MergeError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(f"wrote {written}")
 
 @app.command("extract-lora")
@@ -176,6 +176,6 @@ def extract_lora(
         written, summary = extract_lora_file(merged=merged, base=base, rank=rank, output=output, config_dir=config, dtype=dtype, device=device,
                                              overwrite=overwrite)
     except (*_study_errors(), EvomergeError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(f"{summary['layers']} layers at rank {summary['rank']} -> {written} (relative error per layer: mean {summary['mean_relative_error']:.3g}, "
                f"max {summary['max_relative_error']:.3g}; {summary['not_captured']} changed tensors a LoRA cannot hold)")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from optimizer.cli.base import _fail, app
+from optimizer.cli.base import app, fail
 from optimizer.errors import InputError
 
 
@@ -77,7 +77,7 @@ def score(
                 raise InputError(str(exc)) from None
         rows = score_folder(images=images, objectives=build_objectives(specs), prompts=prompts)
     except FileNotFoundError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from optimizer.cli.base import THREADS_HELP, _fail, _study_errors, app
+from optimizer.cli.base import THREADS_HELP, _study_errors, app, fail
 from optimizer.errors import EvomergeError
 
 study_app = typer.Typer(help="Optuna studies over merge recipes: run, resume.", no_args_is_help=True)
@@ -34,7 +34,7 @@ def _open_study(study: Path, *, storage: str | None = None):
     if study.is_dir():
         folder = StudyFolder(study)
         if not folder.config.is_file():
-            raise _fail(f"{study} is not a study folder (no study.yaml)")
+            raise fail(f"{study} is not a study folder (no study.yaml)")
         config = load_study_config(folder.config)
     else:
         config = load_study_config(study)
@@ -43,7 +43,7 @@ def _open_study(study: Path, *, storage: str | None = None):
     try:
         loaded = optuna.load_study(study_name=config.name, storage=open_storage(url, heartbeat=config.heartbeat, create=False))
     except KeyError:
-        raise _fail(f"no study named {config.name!r} in {url}") from None
+        raise fail(f"no study named {config.name!r} in {url}") from None
     return config, folder, loaded
 
 
@@ -94,11 +94,11 @@ def _architecture(study) -> str:
 def _summary(study, config, url: str) -> None:
     import optuna
 
-    from optimizer.study.storage import _redact
+    from optimizer.study.storage import redact
 
     states = [t.state for t in study.get_trials(deepcopy=False)]
     counts = {s.name.lower(): states.count(s) for s in optuna.trial.TrialState if states.count(s)}
-    typer.echo(f"study {config.name}: {', '.join(f'{v} {k}' for k, v in counts.items())} (storage {_redact(url)[1:-1]})")
+    typer.echo(f"study {config.name}: {', '.join(f'{v} {k}' for k, v in counts.items())} (storage {redact(url)[1:-1]})")
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         return
@@ -127,7 +127,7 @@ def study_run(
         config = load_study_config(study_file)
         _run(config, StudyFolder(out or Path("out") / config.name), progress=progress, threads=threads)
     except _study_errors() as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 @study_app.command("resume")
@@ -143,11 +143,11 @@ def study_resume(
     _quiet_optuna()
     where = StudyFolder(folder)
     if not where.config.is_file():
-        raise _fail(f"{folder} is not a study folder (no study.yaml)")
+        raise fail(f"{folder} is not a study folder (no study.yaml)")
     try:
         _run(load_study_config(where.config), where, progress=progress, threads=threads)
     except _study_errors() as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 @app.command()
@@ -169,9 +169,9 @@ def worker(
         # a worker joins a study that exists: it never creates (or initialises) a database
         loaded = optuna.load_study(study_name=study, storage=open_storage(storage, heartbeat=HeartbeatConfig(), create=False))
     except KeyError:
-        raise _fail(f"no study named {study!r} in {storage}") from None
+        raise fail(f"no study named {study!r} in {storage}") from None
     except _study_errors() as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     try:
         config = config_from_study(loaded)
         import os
@@ -181,7 +181,7 @@ def worker(
         salt = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) or 1
         _run(config, StudyFolder(out or Path("out") / config.name), storage=storage, progress=progress, salt=salt, threads=threads)
     except _study_errors() as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 @app.command()
@@ -196,7 +196,7 @@ def report(
         _summary(loaded, config, folder.storage_url(config))
         written = write_report(loaded, folder=folder.report, architecture=_architecture(loaded))
     except _study_errors() as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     for name, path in written.items():
         typer.echo(f"{name:14s} {path}")
 
@@ -228,7 +228,7 @@ def export(
         written = export_trial(study=loaded, config=config, trial=chosen, output_format=output_format, output=output,
                                parents=runner.parents if runner else None, overwrite=overwrite, runner=runner)
     except _study_errors() as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(f"trial {chosen.number} -> {written}")
 
 @app.command()
@@ -251,7 +251,7 @@ def replay(
         written = replay_to_file(doc, output=output, output_format=output_format, parents_dir=parents, config_dir=config, device=device,
                                  overwrite=overwrite)
     except _study_errors() as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(f"{recipe} -> {written}")
 
 
@@ -275,7 +275,7 @@ def import_recipe(
         doc = import_mecha(source, parents_dir=parents)
         written = write_text_atomic(target, yaml.safe_dump(doc, sort_keys=False))
     except (*_study_errors(), EvomergeError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(f"{source} -> {written} ({doc['recipe']['method']}, {len(doc['parents'])} parents)")
 
 @app.command()
@@ -289,11 +289,11 @@ def dashboard(
     from optuna.artifacts import FileSystemArtifactStore
 
     if not 1 <= port <= 65535:
-        raise _fail(f"--port: {port} is not a TCP port (1 to 65535)")
+        raise fail(f"--port: {port} is not a TCP port (1 to 65535)")
     try:
         config, folder, _ = _open_study(study, storage=storage)
     except _study_errors() as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     url = storage or folder.storage_url(config)
     _check_port_free(port)
     folder.artifacts.mkdir(parents=True, exist_ok=True)
@@ -311,7 +311,7 @@ def _check_port_free(port: int) -> None:
             probe.bind(("127.0.0.1", port))
         except OSError as exc:
             why = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
-            raise _fail(f"--port: port {port} on 127.0.0.1 {why}; give another --port") from None
+            raise fail(f"--port: port {port} on 127.0.0.1 {why}; give another --port") from None
 
 
 @app.command("samplers")

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.atomic import write_text_atomic
-from optimizer.experiments.candidates import PROMPTS, Candidate, CandidateEvaluator
 from optimizer.zoo import paths
+from optimizer.zoo.candidates import PROMPTS, Candidate, CandidateEvaluator
 
 __all__ = [
     "ARTICLE_ALPHA",
@@ -99,7 +99,7 @@ class ArticleEvaluator(CandidateEvaluator):
                  prompts: Path | None = None, fid: bool = True) -> None:
         from optimizer.render.prompts import load_prompt_set
         from optimizer.zoo import domain
-        from optimizer.zoo.build import _meter
+        from optimizer.zoo.build import quality_meter
         from optimizer.zoo.quality import EvaluationSet
 
         self.zoo = Path(zoo or paths.default_zoo_dir())
@@ -114,7 +114,7 @@ class ArticleEvaluator(CandidateEvaluator):
             draw += 1
         real = domain.render([s.index for s in kept], [s.attributes for s in kept])
         self.evaluation = EvaluationSet(samples=kept, seeds=[seed * 100_000 + i for i in range(count)], real=real)
-        self.meter = _meter(self.zoo, self.evaluation)
+        self.meter = quality_meter(self.zoo, self.evaluation)
         self.steps, self.guidance = steps, guidance
         self.count = count
         self.fid = fid

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from optimizer.atomic import write_atomic
 from optimizer.experiments.article_settings import ARTICLE_ALPHA, TABLE
-from optimizer.experiments.candidates import Candidate
+from optimizer.zoo.candidates import Candidate
 
 if TYPE_CHECKING:
     from optimizer.experiments.article import ArticleEvaluator

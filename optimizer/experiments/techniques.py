@@ -14,9 +14,9 @@ import argparse
 from pathlib import Path
 
 from optimizer.atomic import write_text_atomic
-from optimizer.experiments.candidates import Candidate, CandidateEvaluator
 from optimizer.zoo import paths
 from optimizer.zoo.adapters import adapter_file
+from optimizer.zoo.candidates import Candidate, CandidateEvaluator
 
 __all__ = ["technique_candidates", "run_techniques"]
 

@@ -147,7 +147,7 @@ def open_storage(url: str, *, heartbeat: HeartbeatConfig, create: bool = True) -
                 skip_table_creation=not create,
             )
     except Exception as exc:  # noqa: BLE001 - sqlalchemy raises many kinds
-        raise StudyConfigError(f"storage {_redact(given)} cannot be opened: {_storage_reason(exc)}") from None
+        raise StudyConfigError(f"storage {redact(given)} cannot be opened: {_storage_reason(exc)}") from None
 
 
 def with_installed_driver(url: str) -> str:
@@ -165,7 +165,7 @@ def with_installed_driver(url: str) -> str:
     return url
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """``url`` without a password (``postgresql://user:***@host/db``)."""
     import re
 

@@ -131,8 +131,8 @@ def train_hypernetwork(*, vae, text_encoder, unet, recipe: AdapterRecipe, progre
 def measure_adapters(zoo: Path, *, strengths: tuple[float, ...] = MEASURED_STRENGTHS, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Oracle and CLIP figures of the base alone and with each adapter at ``strengths``, through
     evomerge's own loaders and study runner, on the zoo README's held-out evaluation set."""
-    from optimizer.experiments.candidates import Candidate, CandidateEvaluator
     from optimizer.zoo.build import EVALUATION
+    from optimizer.zoo.candidates import Candidate, CandidateEvaluator
 
     evaluator = CandidateEvaluator(zoo=zoo, count=EVALUATION["count"], steps=EVALUATION["steps"], guidance=EVALUATION["guidance"], seed=EVALUATION["seed"])
     keys = ("oracle_digit", "oracle_fg", "oracle_bg", "oracle_thickness", "oracle_slant", "oracle_all", "clip_score")

@@ -124,7 +124,8 @@ def load_zoo_pipeline(name: str, *, zoo: Path | None = None, dtype: torch.dtype 
     return pipe
 
 
-def _meter(zoo: Path, evaluation: EvaluationSet) -> QualityMeter:
+def quality_meter(zoo: Path, evaluation: EvaluationSet) -> QualityMeter:
+    """The zoo's quality meter on ``evaluation``: its oracle and its CLIP, loaded from ``zoo``."""
     clip, _, clip_tokenizer = clip_model.load_zoo_clip(paths.clip_file(zoo))
     return QualityMeter(
         evaluation=evaluation, oracle=oracle.load_oracle(paths.oracle_dir(zoo)), clip_model=clip, clip_tokenizer=clip_tokenizer
@@ -159,7 +160,7 @@ def measure_zoo(
     """
     settings = {**EVALUATION, **(settings or {})}
     evaluation = evaluation_set(count=settings["count"], seed=settings["seed"])
-    meter = _meter(zoo, evaluation)
+    meter = quality_meter(zoo, evaluation)
     figures = {"real": meter.score(evaluation.real, fid=fid)}
     if grids:
         _save_grid(evaluation.real, paths.grid_file(zoo, "real"))

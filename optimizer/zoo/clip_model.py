@@ -35,17 +35,15 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from optimizer.zoo.schedule import warmup_cosine
 from optimizer.zoo import domain
 from optimizer.zoo import tokenizer as zoo_tokenizer
+from optimizer.zoo.schedule import warmup_cosine
 
 MODEL_NAME = "evomerge-digits-clip"
 VISION_TOWER = "evomerge_digits_cnn"
@@ -203,14 +201,12 @@ def register_zoo_clip(folder: str | os.PathLike[str] | None = None) -> str:
 
 # The generic open_clip helpers live in objectives.clip_score (any open_clip model); re-exported here.
 from objectives.clip_score import (  # noqa: E402
-    _model_device,
     clip_score,
     encode_captions,
     encode_images,
     image_normalization,
     prepare_images,
 )
-
 
 # --------------------------------------------------------------------------------------------------
 # files

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from optimizer.zoo.schedule import warmup_cosine
 from optimizer.zoo import domain
 from optimizer.zoo.domain import Attributes
+from optimizer.zoo.schedule import warmup_cosine
 
 HEADS: dict[str, tuple] = {
     "digit": domain.DIGITS,

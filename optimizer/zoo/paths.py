@@ -52,13 +52,3 @@ def oracle_dir(zoo: Path) -> Path:
 def grid_file(zoo: Path, name: str) -> Path:
     return zoo / "grids" / f"{name}.png"
 
-
-#: open_clip name of the zoo's CLIP (see :mod:`optimizer.zoo.clip_model`)
-ZOO_CLIP_NAME = "evomerge-digits-clip"
-
-
-def clip_weights_or_zoo(model: str, weights: str | None) -> str | None:
-    """``weights``; for the zoo CLIP without weights, the committed zoo's CLIP file."""
-    if model == ZOO_CLIP_NAME and weights is None:
-        return str(clip_file(default_zoo_dir()))
-    return weights

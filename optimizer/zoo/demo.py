@@ -18,7 +18,6 @@ import shutil
 import time
 from pathlib import Path
 
-
 from optimizer.merge import MergeRecipe
 from optimizer.zoo import domain, paths
 from optimizer.zoo.build import ZooError

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+
 from optimizer.study.config import parse_study_config
 from optimizer.study.runner import StudyRunner
 from optimizer.study.space import suggest_recipe
@@ -58,12 +59,12 @@ class CandidateEvaluator:
     def __init__(
         self, *, zoo: Path | None = None, count: int = 100, steps: int = 20, guidance: float = 4.0, seed: int = 7, fid: bool = False
     ) -> None:
-        from optimizer.zoo.build import _meter
+        from optimizer.zoo.build import quality_meter
         from optimizer.zoo.quality import evaluation_set
 
         self.zoo = Path(zoo or paths.default_zoo_dir())
         self.evaluation = evaluation_set(count=count, seed=seed)
-        self.meter = _meter(self.zoo, self.evaluation)
+        self.meter = quality_meter(self.zoo, self.evaluation)
         self.steps, self.guidance = steps, guidance
         self.fid = fid
 

@@ -1,4 +1,7 @@
-"""The embedded zoo's commands (``zoo build``, ``zoo adapters``, ``zoo check``): the demo layer, on top of the runtime."""
+"""The embedded zoo's commands (``zoo build``, ``zoo adapters``, ``zoo check``): the demo layer, on top of the runtime.
+
+The runtime's command line does not import this module: pyproject.toml declares :func:`register` in the
+entry-point group ``evomerge.commands``, which :mod:`optimizer.cli` loads (as any installed plug-in's)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,10 +9,14 @@ from typing import Annotated
 
 import typer
 
-from optimizer.cli.base import _fail, app
+from optimizer.cli.base import fail
 
 zoo_app = typer.Typer(help="The embedded zoo of small SD1-topology models trained on coloured digits.", no_args_is_help=True)
-app.add_typer(zoo_app, name="zoo")
+
+
+def register(app: typer.Typer) -> None:
+    """Entry point (group ``evomerge.commands``): add ``evomerge zoo ...`` to the runtime's command line."""
+    app.add_typer(zoo_app, name="zoo")
 
 
 @zoo_app.command("build")
@@ -22,7 +29,7 @@ def zoo_build(
     from optimizer.zoo.build import build_zoo
 
     if scale <= 0:
-        raise _fail("--scale must be positive")
+        raise fail("--scale must be positive")
     typer.echo(f"built {build_zoo(out=out, scale=scale, evaluation_count=evaluation_count)}")
 
 
@@ -36,7 +43,7 @@ def zoo_adapters(
     from optimizer.zoo.adapters import train_adapters
 
     if scale <= 0:
-        raise _fail("--scale must be positive")
+        raise fail("--scale must be positive")
     manifest = train_adapters(zoo=zoo, scale=scale, measure=measure)
     typer.echo("trained " + ", ".join(f"{a['file']} ({a['seconds']} s)" for a in manifest["adapters"]))
 
@@ -53,5 +60,5 @@ def zoo_check(
     try:
         report = check_zoo(zoo=zoo, measure=measure, fid=fid)
     except ZooError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(f"zoo ok: {report['files']} files match the manifest" + (", quality figures reproduced" if measure else ""))
