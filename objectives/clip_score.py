@@ -16,8 +16,10 @@ antialiased) and normalised with the model's mean/std here, without a PIL round 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -144,15 +146,27 @@ def load_open_clip(model_name: str, *, pretrained: str | os.PathLike[str] | None
             known = ", ".join(tags) if tags else "none: give a local weights file"
             raise ObjectiveError(f"{model_name} has no open_clip pretrained tag {str(pretrained)!r} (its tags: {known})")
     try:
-        model = open_clip.create_model(model_name, pretrained=str(pretrained) if pretrained is not None else None, device=device)
+        with _open_clip_logs_silenced():  # it logs the failure on the root logger before raising it
+            model = open_clip.create_model(model_name, pretrained=str(pretrained) if pretrained is not None else None, device=device)
     except (OSError, RuntimeError, ValueError) as exc:  # no network (HF_HUB_OFFLINE), a broken download or file
-        first = " ".join(str(exc).split())[:200]
-        raise ObjectiveError(
-            f"cannot load open_clip {model_name} weights {str(pretrained)!r} ({type(exc).__name__}: {first}); "
-            "offline, give clip_weights a local file"
-        ) from None
+        first = " ".join(str(exc).split()).split(". ")[0][:160]
+        raise ObjectiveError(f"cannot load open_clip {model_name} weights {str(pretrained)!r} ({first}); offline, give clip_weights a local file") from None
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(model_name)
 
+
+
+@contextlib.contextmanager
+def _open_clip_logs_silenced() -> Iterator[None]:
+    """Drop open_clip's own log records while the block runs (its errors are raised, and reported once)."""
+    def drop(record: logging.LogRecord) -> bool:
+        return "open_clip" not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 @register_scorer

@@ -21,7 +21,6 @@ listing the registry is cheap.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import pkgutil
 from collections.abc import Callable, Hashable
 from typing import Any, ClassVar, TypeVar
@@ -143,7 +142,9 @@ def _discover() -> None:
     for info in sorted(pkgutil.iter_modules(objectives.__path__), key=lambda i: i.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"objectives.{info.name}")
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    from optimizer.plugins import group_entry_points
+
+    for entry in group_entry_points(ENTRY_POINT_GROUP):
         try:
             cls = entry.load()
         except Exception as exc:  # noqa: BLE001 - a broken plug-in is named, not a traceback

@@ -5,6 +5,8 @@ Entry-point groups evomerge reads (declared in a package's ``pyproject.toml``):
 
 * ``evomerge.commands``: ``NAME = "module:register"``; ``register(app)`` adds commands to the
   ``evomerge`` command line (the embedded zoo's ``evomerge zoo ...`` arrives this way);
+* ``evomerge.scorers``: ``NAME = "module:Scorer"``; a scorer class registered under its name
+  (see :mod:`objectives.registry`);
 * ``evomerge.open_clip_models``: ``MODEL = "module:register"``; ``register()`` adds the open_clip
   architecture ``MODEL`` to open_clip's registry, called when a study names that model (the zoo's
   ``evomerge-digits-clip`` arrives this way).

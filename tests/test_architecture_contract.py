@@ -75,7 +75,7 @@ def test_canonical_keys_convert_to_diffusers_modules_and_back(tiny: dict) -> Non
     state = tiny["dicts"][0]
     kind, name = TINY[layout.name]
     if kind == "sd":
-        from optimizer import tiny_models
+        from optimizer.testing import tiny_models
 
         build = {"sd1": tiny_models.tiny_sd1_components, "sd2": tiny_models.tiny_sd2_components, "sdxl": tiny_models.tiny_sdxl_components}[name]
         config_dir = tiny_config_dir(build(0), name)

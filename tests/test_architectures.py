@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.synthetic import sd1_keys as _sd1_keys
-from tests.synthetic import zeros_state_dict as _sd
 from optimizer.architectures import (
     ArchitectureError,
     LayoutError,
@@ -19,6 +17,8 @@ from optimizer.architectures import (
     parse_layout,
     parse_mbw,
 )
+from tests.synthetic import sd1_keys as _sd1_keys
+from tests.synthetic import zeros_state_dict as _sd
 
 SD1_BLOCKS = ["BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12))]
 SDXL_BLOCKS = ["BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9))]

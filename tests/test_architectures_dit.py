@@ -35,6 +35,7 @@ from optimizer.testing.tiny_dit import (
     write_tiny_dit_diffusers,
     write_tiny_dit_single_file,
 )
+from tests.zoo_clip import ZOO_CLIP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -231,7 +232,7 @@ def _study(tmp: Path, parents: list[Path], config_dir: Path, name: str) -> Path:
     study = {
         "name": name, "parents": [str(p) for p in parents], "config_dir": str(config_dir),
         "search_space": {"alpha": {"low": 0.0, "high": 1.0}}, "sampler": {"name": "random", "seed": 1},
-        "pruner": {"name": "none"}, "objectives": ["clip"], "scorers": {"clip_model": "evomerge-digits-clip"},
+        "pruner": {"name": "none"}, "objectives": ["clip"], "scorers": dict(ZOO_CLIP),
         "prompts": "prompts.yaml", "render": {"batch_size": 2, "grid_images": 2}, "budget": {"trials": 2},
         "calibration": {"gate": False},  # random-weight tiny models render noise, which the sanity gate rightly refuses
     }

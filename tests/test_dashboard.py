@@ -34,6 +34,7 @@ from PIL import Image
 
 from optimizer.zoo import paths
 from tests.study_cli import PROMPTS, evomerge_command, subprocess_env
+from tests.zoo_clip import ZOO_CLIP
 
 STUDY = "dash-zoo"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -125,6 +126,7 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
         "parents": [str(paths.default_zoo_dir() / "models" / f"{m}.safetensors") for m in ("shape", "colour")],
         "search_space": {"alpha": {"share": "global"}},
         "objectives": ["clip"],
+        "scorers": dict(ZOO_CLIP),
         "prompts": "prompts.yaml",
         "render": {"batch_size": 6, "grid_images": 6},
         "sampler": {"name": "random", "seed": 0},

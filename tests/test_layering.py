@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import ast
 import pkgutil
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import objectives
 import optimizer

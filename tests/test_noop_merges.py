@@ -20,6 +20,7 @@ from optimizer.study.config import load_study_config
 from optimizer.study.runner import StudyRunner, run_study
 from optimizer.study.storage import StudyFolder
 from optimizer.testing.tiny_models import tiny_config_dir, tiny_sd1_components, write_tiny_ldm
+from tests.zoo_clip import ZOO_CLIP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -50,7 +51,7 @@ def _study(folder: Path, *, parents: list[Path], config_dir: Path, render: dict 
     data = {
         "name": "noop", "parents": [str(p) for p in parents], "config_dir": str(config_dir),
         "search_space": space or {"alpha": {}}, "sampler": {"name": "random", "seed": 1}, "pruner": {"name": "none"},
-        "objectives": ["clip"], "prompts": "prompts.yaml", "render": render or {"batch_size": 2, "grid_images": 1},
+        "objectives": ["clip"], "scorers": dict(ZOO_CLIP), "prompts": "prompts.yaml", "render": render or {"batch_size": 2, "grid_images": 1},
         "budget": {"trials": 2}, "calibration": {"gate": False},  # random-weight tiny models render noise (the gate refuses them)
     }
     path = folder / "study.yaml"

@@ -68,3 +68,45 @@ def test_zoo_clip_image_tower_as_fid_features_separates_renders_from_noise() -> 
     fid.update(torch.rand(300, 3, 32, 32, generator=torch.Generator().manual_seed(0)), prompts=[])
     noise = fid.compute()
     assert real < 0.1 * noise, (real, noise)
+
+
+# ------------------------------------------------------------------ defaults name no demo model
+def test_the_default_clip_is_vit_l_14_with_openai_weights_and_offline_it_says_so_in_one_line(capfd, monkeypatch) -> None:
+    """A study that names no CLIP gets what SD users mean by CLIP score; without a network (the
+    tests' HF_HUB_OFFLINE=1) that is one clear error, and open_clip's own log line is not printed."""
+    from objectives.clip_score import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_WEIGHTS, OpenCLIPSettings, load_open_clip
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings = OpenCLIPSettings()
+    assert (settings.clip_model, settings.clip_weights) == (DEFAULT_CLIP_MODEL, DEFAULT_CLIP_WEIGHTS) == ("ViT-L-14", "openai")
+    capfd.readouterr()
+    with pytest.raises(ObjectiveError, match=r"cannot load open_clip ViT-L-14 weights 'openai' .*give clip_weights a local file") as caught:
+        load_open_clip("ViT-L-14", pretrained="openai")
+    assert "\n" not in str(caught.value)
+    assert "Failed to download" not in capfd.readouterr().err  # open_clip's ERROR log is not shown beside our line
+    with pytest.raises(ObjectiveError, match=r"ViT-L-14 has no open_clip pretrained tag 'nope' \(its tags: openai, "):
+        load_open_clip("ViT-L-14", pretrained="nope")
+
+
+def test_the_zoo_clip_is_a_plug_in_named_with_its_weights_file(tmp_path: Path) -> None:
+    """The zoo's CLIP reaches open_clip through the ``evomerge.open_clip_models`` entry point, and
+    like any model without a pretrained tag it needs its weights named."""
+    from objectives.clip_score import load_open_clip
+
+    with pytest.raises(ObjectiveError, match="evomerge-digits-clip has no open_clip pretrained tag 'openai' .*give a local weights file"):
+        load_open_clip("evomerge-digits-clip", pretrained="openai")
+    model, tokenizer = load_open_clip("evomerge-digits-clip", pretrained=None)  # random weights: registered through the plug-in
+    assert tokenizer(["a red digit 1"]).shape[0] == 1 and not model.training
+
+
+def test_clip_weights_in_a_study_file_resolve_against_it_when_they_are_a_path(tmp_path: Path) -> None:
+    from optimizer.study.config import parse_study_config
+
+    def weights(value: str) -> str:
+        data = {"name": "w", "parents": ["a.safetensors", "b.safetensors"], "search_space": {"alpha": {}}, "objectives": ["clip"],
+                "scorers": {"clip_model": "evomerge-digits-clip", "clip_weights": value}, "prompts": "p.yaml", "budget": {"trials": 1}}
+        return parse_study_config(data, base=tmp_path).scorers.clip_weights
+
+    assert weights("zoo/clip.safetensors") == str((tmp_path / "zoo" / "clip.safetensors").resolve())
+    assert weights("clip.bin") == str((tmp_path / "clip.bin").resolve())  # a file suffix marks a path
+    assert weights("laion2b_s34b_b79k") == "laion2b_s34b_b79k"  # a pretrained tag stays a tag

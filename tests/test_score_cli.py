@@ -33,7 +33,9 @@ def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _score(*args) -> tuple[int, str]:
-    result = runner.invoke(app, ["score", *map(str, args)])
+    """``evomerge score`` with the zoo CLIP (the runtime's default is ViT-L-14, which tests cannot download)."""
+    zoo_clip = ["--clip-model", "evomerge-digits-clip", "--clip-weights", str(paths.clip_file(ZOO))]
+    result = runner.invoke(app, ["score", *map(str, args), *zoo_clip])
     return result.exit_code, result.output
 
 

@@ -25,9 +25,9 @@ from optimizer.study.config import StudyConfigError, parse_study_config
 from optimizer.zoo import paths
 from tests import tiny_scorers as tiny
 from tests.test_study import _study_data, needs_zoo
+from tests.zoo_clip import ZOO_CLIP
 
 runner = CliRunner()
-ZOO_CLIP = {"clip_model": "evomerge-digits-clip"}
 
 
 def _reference_images(folder: Path, n: int = 4) -> Path:

@@ -24,6 +24,7 @@ from optimizer.study.config import ParamSpace, StudyConfigError, WarmStart, load
 from optimizer.study.space import bind_space, suggest_recipe, warm_start_params
 from optimizer.zoo import paths
 from optimizer.zoo.prompts import zoo_prompt_set_data
+from tests.zoo_clip import ZOO_CLIP
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = paths.default_zoo_dir()
@@ -43,6 +44,7 @@ def _study_data(tmp: Path, **overrides) -> dict:
         "sampler": {"name": "random", "seed": 1},
         "pruner": {"name": "none"},
         "objectives": ["clip"],
+        "scorers": dict(ZOO_CLIP),
         "prompts": "prompts.yaml",
         "render": {"batch_size": 3, "grid_images": 4},
         "budget": {"trials": 3},
@@ -271,7 +273,7 @@ def test_pareto_study_exports_the_best_trial_on_held_out_prompts(tmp_path: Path)
         save_image(image, str(reference / f"{i:03d}.png"))
     study_file = _write_study(
         tmp_path, name="pareto", mode="pareto", objectives=["clip", "fid"], sampler={"name": "nsga2", "seed": 0},
-        scorers={"reference": str(reference), "features": "clip"}, budget={"trials": 3},
+        scorers={**ZOO_CLIP, "reference": str(reference), "features": "clip"}, budget={"trials": 3},
     )
     out = tmp_path / "run"
     result = runner.invoke(app, ["study", "run", str(study_file), "--out", str(out), "--no-progress"])

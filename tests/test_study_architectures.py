@@ -25,6 +25,7 @@ from optimizer.testing.tiny_models import (
     write_tiny_ldm,
 )
 from tests.test_architectures_dit import _sanity_gate_renders_the_parents
+from tests.zoo_clip import ZOO_CLIP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 runner = CliRunner()
@@ -41,7 +42,7 @@ def _study(tmp: Path, *, parents: list[Path], config_dir: Path | None, name: str
     study = {
         "name": name, "parents": [str(p) for p in parents],
         "search_space": {"alpha": {"low": 0.0, "high": 1.0}}, "sampler": {"name": "random", "seed": 1},
-        "pruner": {"name": "none"}, "objectives": ["clip"], "scorers": {"clip_model": "evomerge-digits-clip"},
+        "pruner": {"name": "none"}, "objectives": ["clip"], "scorers": dict(ZOO_CLIP),
         "prompts": "prompts.yaml", "render": {"batch_size": 2, "grid_images": 2}, "budget": {"trials": 2},
         "calibration": {"gate": False},  # random-weight tiny models render noise, which the sanity gate rightly refuses
     }

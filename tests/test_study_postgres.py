@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from optimizer.zoo import paths
-from tests.study_cli import PROMPTS, evomerge_command, subprocess_env
 from tests import postgres
 from tests.postgres import PostgresServer
+from tests.study_cli import PROMPTS, evomerge_command, subprocess_env
+from tests.zoo_clip import ZOO_CLIP
 
 postgres_server = postgres.postgres_server  # the module-scoped fixture: a throwaway cluster (skips without one)
 
@@ -95,6 +96,7 @@ def test_study_run_and_a_worker_share_one_postgres_study(tmp_path: Path, postgre
         "search_space": {"alpha": {"share": "global"}},
         "warm_start": [{"uniform": 0.5}],
         "objectives": ["clip"],
+        "scorers": dict(ZOO_CLIP),
         "prompts": "prompts.yaml",
         "render": {"batch_size": 6, "grid_images": 4},
         "sampler": {"name": "random", "seed": 0},

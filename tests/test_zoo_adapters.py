@@ -10,12 +10,12 @@ import pytest
 
 from optimizer.adapters.hypernetwork import load_hypernetwork
 from optimizer.adapters.lora import load_loras
-from optimizer.zoo.candidates import Candidate, CandidateEvaluator
 from optimizer.merge_files import load_parents
 from optimizer.study.pipeline import unet_config
 from optimizer.zoo import paths
 from optimizer.zoo.adapters import ADAPTERS, adapter_file, train_adapters
 from optimizer.zoo.build import ZooError, check_zoo
+from optimizer.zoo.candidates import Candidate, CandidateEvaluator
 
 ZOO = paths.default_zoo_dir()
 MANIFEST = ZOO / "adapters" / "adapters.json"

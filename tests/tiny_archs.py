@@ -17,7 +17,7 @@ def tiny_state_dict(architecture: str, seed: int = 0) -> dict[str, torch.Tensor]
         raise KeyError(f"no tiny model for architecture {architecture!r}: add one to tests/tiny_archs.py")
     kind, name = TINY[architecture]
     if kind == "sd":
-        from optimizer import tiny_models
+        from optimizer.testing import tiny_models
 
         build = {"sd1": tiny_models.tiny_sd1_components, "sd2": tiny_models.tiny_sd2_components, "sdxl": tiny_models.tiny_sdxl_components}[name]
         return tiny_models.tiny_ldm_state_dict(build(seed), name)
