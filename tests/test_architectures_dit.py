@@ -246,7 +246,7 @@ def _assert_bound_to_buffer(runner_obj) -> None:
     from optimizer.study.pipeline import denoiser, refreshed_tensors
 
     pipe = runner_obj.renderer.pipe
-    buffer = runner_obj.merger.output
+    buffer = runner_obj.technique.merger.output
     low, high = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
     refreshed = set(refreshed_tensors(pipe))
     for name, module in pipe.components.items():
@@ -274,11 +274,11 @@ def _sanity_gate_renders_the_parents(trial_runner, layout, *, merge_vae: bool, t
     assert images.shape[0] == 2 and prompts[0] == prompts[1]
     jobs = trial_runner.prompt_set.jobs("search")[:1]
     assert torch.equal(trial_runner.renderer.render(jobs), trial_runner.renderer.render(jobs))  # seeded renders repeat exactly
-    trial_runner.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=0.0, merge_vae=merge_vae))
+    trial_runner.technique.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=0.0, merge_vae=merge_vae))
     assert torch.equal(trial_runner.renderer.render(jobs).float().cpu()[0], images[0])
     config = trial_runner.config
     swapped = StudyRunner(config.model_copy(update={"parents": list(reversed(config.parents))}), folder=StudyFolder(tmp / "swapped"))
-    swapped.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=0.0, merge_vae=merge_vae))
+    swapped.technique.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=0.0, merge_vae=merge_vae))
     assert torch.equal(swapped.renderer.render(jobs).float().cpu()[0], images[1])
     assert not torch.equal(images[0], images[1])
 
@@ -312,7 +312,7 @@ def test_a_tiny_study_runs_binds_without_copies_and_exports(models, variant: str
     assert set(refreshed_tensors(pipe)) >= {"norm_out.linear.weight", "norm_out.linear.bias"}
     layout = load_layout(architecture)
     for alpha, source in ((1.0, b), (0.0, a)):
-        trial_runner.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=alpha))
+        trial_runner.technique.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=alpha))
         reference = source["transformer"].state_dict()
         live = denoiser(pipe).state_dict()
         assert all(torch.equal(live[k], reference[k]) for k in reference), alpha
@@ -327,7 +327,7 @@ def test_a_tiny_study_runs_binds_without_copies_and_exports(models, variant: str
         assert result.exit_code == 0, result.output
     from optimizer.study.space import suggest_recipe
 
-    trial_runner.merger.merge(suggest_recipe(optuna.trial.FixedTrial(best.params), trial_runner.space))
+    trial_runner.technique.merger.merge(suggest_recipe(optuna.trial.FixedTrial(best.params), trial_runner.space))
     merged = {k: v.clone() for k, v in denoiser(pipe).state_dict().items()}
     cls = getattr(diffusers, layout.spec.pipeline)
     folder = cls.from_pretrained(str(tmp_path / "best-diffusers"), local_files_only=True)

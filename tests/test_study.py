@@ -194,12 +194,12 @@ def test_short_zoo_study_records_trials_reports_and_exports_a_replayable_recipe(
     replayed = Merger(parents.bank)
     replayed.merge(recipe)
     trial_runner = StudyRunner(load_study_config(out / "study.yaml"), folder=StudyFolder(tmp_path / "replay"))
-    trial_runner.merger.merge(suggest(optuna.trial.FixedTrial(best.params), trial_runner.space))
-    assert torch.equal(replayed.output, trial_runner.merger.output)
+    trial_runner.technique.merger.merge(suggest(optuna.trial.FixedTrial(best.params), trial_runner.space))
+    assert torch.equal(replayed.output, trial_runner.technique.merger.output)
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "best.safetensors"))
-    views = trial_runner.merger.state_dict()
+    views = trial_runner.technique.merger.state_dict()
     assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float16}
     assert all(torch.equal(saved[k], views[k].half() if views[k].is_floating_point() else views[k]) for k in views)
 
@@ -466,7 +466,7 @@ def test_an_fp16_study_renders_from_the_half_precision_buffer_and_exports_it_exa
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 2 and all(torch.isfinite(torch.tensor(t.value)) for t in complete)
 
-    output = study_runner.merger.output
+    output = study_runner.technique.merger.output
     low, high = output.data_ptr(), output.data_ptr() + output.numel() * output.element_size()
     assert all(low <= p.data_ptr() < high for p in unet.parameters())  # views of the merge buffer, not copies
 
@@ -474,8 +474,8 @@ def test_an_fp16_study_renders_from_the_half_precision_buffer_and_exports_it_exa
     path = export_trial(study=study, config=config, trial=best, output_format="safetensors",
                         output=tmp_path / "half.safetensors", parents=study_runner.parents)
     saved = load_file(str(path))
-    study_runner.merger.merge(suggest_recipe(optuna.trial.FixedTrial(best.params), study_runner.space))
-    views = study_runner.merger.state_dict()  # what the best trial rendered from
+    study_runner.technique.merger.merge(suggest_recipe(optuna.trial.FixedTrial(best.params), study_runner.space))
+    views = study_runner.technique.merger.state_dict()  # what the best trial rendered from
     assert {v.dtype for v in saved.values()} == {torch.float16}
     assert all(torch.equal(saved[k], views[k]) for k in views)
 

@@ -92,11 +92,11 @@ def test_a_tiny_study_runs_on_every_sd_architecture_and_exports(architecture: st
 
     trial_runner = StudyRunner(load_study_config(out / "study.yaml"), folder=StudyFolder(tmp_path / "replay"))
     pipe = trial_runner.renderer.pipe
-    _all_views(pipe, trial_runner.merger.output)
+    _all_views(pipe, trial_runner.technique.merger.output)
     layout = trial_runner.parents.bank.layout
     text_towers = [n for n in ("text_encoder", "text_encoder_2") if n in a]
     for alpha, parent in ((1.0, b), (0.0, a)):  # each merge is what the pipeline renders: no stale tensor
-        trial_runner.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=alpha, merge_vae=True))
+        trial_runner.technique.merger.merge(MergeRecipe.uniform(method="weighted_sum", layout=layout, alpha=alpha, merge_vae=True))
         for component in ("unet", *text_towers):
             live = getattr(pipe, component).state_dict()
             ref = parent[component].state_dict()
@@ -109,7 +109,7 @@ def test_a_tiny_study_runs_on_every_sd_architecture_and_exports(architecture: st
         assert result.exit_code == 0, result.output
     from optimizer.study.space import suggest_recipe
 
-    trial_runner.merger.merge(suggest_recipe(optuna.trial.FixedTrial(best.params), trial_runner.space))
+    trial_runner.technique.merger.merge(suggest_recipe(optuna.trial.FixedTrial(best.params), trial_runner.space))
     expected = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()} for c in ("unet", *text_towers)}
     cls = getattr(diffusers, PIPELINES[architecture])
     reloaded = [

@@ -79,11 +79,11 @@ def test_lora_strengths_are_search_dimensions_replayed_and_exported(tmp_path: Pa
     out = export_trial(study=study, config=config, trial=best, output_format="safetensors", output=tmp_path / "best.safetensors", parents=runner.parents)
     runner.prepare(recipe)
     saved = load_file(str(out))
-    views = _as_exported(runner.merger.state_dict(), runner)  # written in the fp16 parents' dtype
+    views = _as_exported(runner.technique.merger.state_dict(), runner)  # written in the fp16 parents' dtype
     assert all(torch.equal(saved[k], v) for k, v in views.items())
-    without = runner.merger.merge(recipe.model_copy(update={"loras": {}}))
+    without = runner.technique.merger.merge(recipe.model_copy(update={"loras": {}}))
     assert without.lora_layers == 0
-    assert any(not torch.equal(saved[k], v) for k, v in _as_exported(runner.merger.state_dict(), runner).items())  # the LoRA is in the file
+    assert any(not torch.equal(saved[k], v) for k, v in _as_exported(runner.technique.merger.state_dict(), runner).items())  # the LoRA is in the file
     doc = yaml.safe_load(export_trial(study=study, config=config, trial=best, output_format="recipe", output=tmp_path / "best.yaml").read_text())
     assert doc["loras"][0]["name"] == "rnd" and len(doc["loras"][0]["sha256"]) == 64
     _replays_to_the_same_bytes(tmp_path / "best.yaml", out, tmp_path / "replayed.safetensors")
@@ -146,20 +146,20 @@ def test_output_ensemble_with_weight_zero_renders_the_first_parent_and_is_not_ex
     config = _config(tmp_path, technique="output_ensemble", search_space={"alpha": {"share": "global"}}, budget={"trials": 1})
     folder = StudyFolder(tmp_path / "run")
     runner = StudyRunner(config, folder=folder)
-    assert runner.merger is None and runner.space.names == ["alpha"]
+    assert not runner.technique.exports_weights and runner.space.names == ["alpha"]
     first = _render(runner, suggest_recipe(optuna.trial.FixedTrial({"alpha": 0.0}), runner.space))
-    assert runner.ensemble.weights == (1.0, 0.0)
+    assert runner.technique.ensemble.weights == (1.0, 0.0)
 
     (tmp_path / "single").mkdir()
     single = _config(tmp_path / "single", search_space={"alpha": {"value": 0.0}})
     merged_runner = StudyRunner(single, folder=StudyFolder(tmp_path / "run-single"))
     assert torch.equal(_render(merged_runner, suggest_recipe(optuna.trial.FixedTrial({}), merged_runner.space)), first)
 
-    calls = runner.ensemble.calls
+    calls = runner.technique.ensemble.calls
     _render(runner, suggest_recipe(optuna.trial.FixedTrial({"alpha": 0.4}), runner.space))
-    assert runner.ensemble.weights == (0.6, 0.4)
+    assert runner.technique.ensemble.weights == (0.6, 0.4)
     steps = runner.prompt_set.steps
-    assert runner.ensemble.calls - calls >= 2 * steps  # both parents at every step
+    assert runner.technique.ensemble.calls - calls >= 2 * steps  # both parents at every step
 
     study = run_study(config, folder=folder, progress=False, runner=runner)
     from optimizer.study.export import ExportError, export_trial
@@ -192,7 +192,7 @@ def test_recalibration_meets_the_interpolated_parent_statistics_and_is_exported(
     recipe = suggest_recipe(optuna.trial.FixedTrial({"alpha": 0.5}), runner.space)
     seconds = runner.prepare(recipe)
     assert seconds["recalibrate"] > 0
-    recal = runner.recalibrator
+    recal = runner.technique.recalibrator
     layers = [l.name for l in recal.layers]
     got = collect_norm_statistics(unet=recal.pipe.unet, batch=recal.batch(), layers=layers)
     a, b = recal.parent_stats
@@ -206,7 +206,7 @@ def test_recalibration_meets_the_interpolated_parent_statistics_and_is_exported(
     out = export_trial(study=study, config=config, trial=study.best_trial, output_format="safetensors", output=tmp_path / "best.safetensors", parents=runner.parents, runner=runner)
     runner.prepare(suggest_recipe(optuna.trial.FixedTrial(study.best_trial.params), runner.space))
     saved = load_file(str(out))
-    assert all(torch.equal(saved[k], v) for k, v in _as_exported(runner.merger.state_dict(), runner).items())
+    assert all(torch.equal(saved[k], v) for k, v in _as_exported(runner.technique.merger.state_dict(), runner).items())
     with safe_open(str(out), "pt") as handle:
         assert "alpha" in handle.metadata()["sd_merge_recipe"]
     recipe = export_trial(study=study, config=config, trial=study.best_trial, output_format="recipe", output=tmp_path / "best.yaml")

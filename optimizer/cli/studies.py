@@ -77,9 +77,9 @@ def _run(config, folder, *, storage: str | None = None, progress: bool = True, s
 def export_hint(config, root: Path) -> str:
     """The end-of-study export command: a merged checkpoint, or for an output ensemble (which is
     not one checkpoint) its recipe."""
-    if config.technique == "output_ensemble":
-        return f"export: evomerge export {root} --format recipe -o best.yaml   (an output ensemble is not one checkpoint)"
-    return f"export: evomerge export {root} --format safetensors -o best.safetensors"
+    from optimizer.study.techniques import technique_class
+
+    return technique_class(config.technique).export_hint(root)
 
 
 def _architecture(study) -> str:

@@ -35,14 +35,12 @@ def render_parents(runner, *, count: int) -> tuple[torch.Tensor, list[str]]:
     n = runner.parents.bank.n_parents
     images: list[torch.Tensor] = []
     prompts: list[str] = []
-    if runner.hypernetworks is not None:
-        runner.hypernetworks.set_strengths([0.0] * len(runner.hypernetworks))
+    technique = runner.technique
+    if technique.hypernetworks is not None:
+        technique.hypernetworks.set_strengths([0.0] * len(technique.hypernetworks))
     with runner.ctrl_c.interruptible():
         for index in range(n):
-            if runner.ensemble is not None:
-                runner.ensemble.set_weights([1.0 if i == index else 0.0 for i in range(n)])
-            else:
-                runner.merger.load_parent(index)
+            technique.show_parent(index)
             for batch in runner.renderer.batches(jobs):
                 images.append(batch.images.detach().float().cpu())
                 prompts.extend(j.prompt for j in batch.jobs)

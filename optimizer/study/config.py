@@ -338,7 +338,7 @@ class StudyConfig(_Strict):
     allow_nonfinite: bool = False  # merge parents holding NaN/Inf values (refused by default, naming the keys)
     config_dir: str | None = None  # diffusers config folder for rendering (default: found or shipped)
     search_space: dict[str, ParamSpace] = Field(default_factory=dict)
-    technique: Literal["merge", "output_ensemble"] = "merge"
+    technique: str = "merge"  # a registered technique (optimizer.study.techniques): merge, output_ensemble
     loras: list[LoraConfig] = Field(default_factory=list)
     hypernetworks: list[HypernetworkConfig] = Field(default_factory=list)
     recalibrate: RecalibrateConfig | None = None
@@ -366,6 +366,17 @@ class StudyConfig(_Strict):
             raise ValueError(f"unknown architecture {value!r}; use auto or one of {', '.join(known)}")
         return value
 
+    @field_validator("technique")
+    @classmethod
+    def _known_technique(cls, value: str) -> str:
+        from optimizer.study.techniques import TechniqueError, technique_class
+
+        try:
+            technique_class(value)
+        except TechniqueError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
@@ -385,16 +396,9 @@ class StudyConfig(_Strict):
             raise ValueError(f"loras/hypernetworks: names must be unique, got {adapters} (set name:)")
         if not self.search_space and not any(a.strength.value is None for a in [*self.loras, *self.hypernetworks]):
             raise ValueError("search_space: nothing is searched (no merge parameter, no LoRA or hypernetwork strength)")
-        if self.technique == "output_ensemble":
-            if self.method != "weighted_sum" or len(self.parents) != 2:
-                raise ValueError("technique: output_ensemble mixes two parents' noise predictions with weights (1 - alpha, alpha); use method weighted_sum and two parents")
-            if self.loras or self.recalibrate is not None or self.merge_vae:
-                raise ValueError("technique: output_ensemble merges no weights; loras, recalibrate and merge_vae do not apply")
-            alpha = self.search_space.get("alpha")
-            if alpha is not None and alpha.value is None and alpha.share != "global":
-                raise ValueError("search_space.alpha: an output ensemble has one weight; set share: global")
-        if self.recalibrate is not None and self.method != "weighted_sum":
-            raise ValueError("recalibrate: the target statistics interpolate the parents with the recipe's alphas; it needs method weighted_sum")
+        from optimizer.study.techniques import technique_class
+
+        technique_class(self.technique).check_config(self)  # each technique's own rules
         names = [o.scorer.name for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError(f"objectives: each objective once, got {names}")

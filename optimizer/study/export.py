@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -223,16 +222,17 @@ def export_trial(
     """Write ``trial`` as ``output_format`` to ``output`` (atomically) and return the path.
 
     Merged weights include the trial's LoRAs and, for a study that recalibrates, the recalibrated
-    norms (replayed through ``runner``, or a runner built here). Hypernetworks are not weights of
+    norms (the study's steps replayed through ``runner``'s technique, or one built here on ``parents``). Hypernetworks are not weights of
     the checkpoint: their strengths are in the recipe (and the safetensors metadata); apply them
     with the files named in the recipe document. An output ensemble is refused (not one checkpoint)."""
     if output_format not in FORMATS:
         raise ExportError(f"unknown format {output_format!r}; use {', '.join(FORMATS)}")
-    if config.technique == "output_ensemble" and output_format != "recipe":
-        raise ExportError(
-            f"an output ensemble mixes the parents' predictions at each sampler step: it is not a merge, so it has no "
-            f"{output_format} form; export --format recipe"
-        )
+    from optimizer.study.techniques import technique_class
+
+    technique = technique_class(config.technique)
+    refusal = technique.export_refusal(output_format)
+    if refusal is not None:
+        raise ExportError(refusal)
     from optimizer.merge_files import check_merged_output
 
     output = check_merged_output(output, output_format=output_format, overwrite=overwrite)
@@ -243,11 +243,10 @@ def export_trial(
         doc = recipe_document(study=study, trial=trial, config=config)  # from the study alone: no weights read
     else:
         if parents is None:
-            from optimizer.study.runner import default_dtype
+            from optimizer.study.techniques import study_parents
 
             _require_parents(config, stored, why="")
-            parents = load_parents(paths=config.parents, device=config.device, dtype=default_dtype(config), placement=config.placement,
-                                   allow_nonfinite=config.allow_nonfinite)
+            parents = study_parents(config)
         if stored is not None:
             check_hashes(stored["parents"], parents, made="the study was run with")
         doc = recipe_document(study=study, trial=trial, parents=parents, config=config)
@@ -281,27 +280,9 @@ def export_trial(
         from optimizer.study.pipeline import render_config_dir
 
         config_dir = render_config_dir(parents, config_dir=config.config_dir)
-    if config.recalibrate is not None:
-        # the recalibrated norms depend on the pipeline and the calibration batch: replay the study's own steps
-        if runner is None:
-            from optimizer.study.runner import StudyRunner
-            from optimizer.study.storage import StudyFolder
-
-            with tempfile.TemporaryDirectory() as scratch:
-                runner = StudyRunner(config, folder=StudyFolder(Path(scratch)))
-        runner.prepare(recipe)
-        state = runner.merger.state_dict()
-    elif config.loras:
-        from optimizer.adapters.lora import load_loras
-        from optimizer.merge import Merger
-        from optimizer.study.pipeline import unet_config
-
-        loras = load_loras([(l.resolved_name, l.path) for l in config.loras], bank=parents.bank,
-                           unet_config=unet_config(parents, config_dir=config.config_dir))
-        merger = Merger(parents.bank, loras=loras)
-        merger.merge(recipe)
-        state = merger.state_dict()
-    else:
+    # recalibrated norms replay the study's own steps (through the runner's technique when there is one); LoRAs add in the kernel
+    state = technique.export_state(config=config, parents=parents, recipe=recipe, built=getattr(runner, "technique", None))
+    if state is None:
         return merge_to_file(parents=parents, recipe=recipe, output=output, output_format=output_format, config_dir=config_dir, overwrite=overwrite,
                              dtype=doc["output_dtype"])
     return write_merged(state_dict=state, parents=parents, recipe=recipe, output=output, output_format=output_format,

@@ -12,7 +12,6 @@ metadata. An output ensemble is not a merge and has no weights to replay.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +67,15 @@ def replay_to_file(
 
     if output_format not in ("safetensors", "bare", "diffusers"):
         raise ExportError(f"replay writes safetensors, bare or diffusers, not {output_format!r}")
-    if doc.get("technique") == "output_ensemble":
-        raise ExportError("an output ensemble mixes the parents' predictions at each sampler step: it is not a merge and has no weights to replay")
+    from optimizer.study.techniques import TechniqueError, technique_class
+
+    try:
+        technique = technique_class(doc.get("technique", "merge"))
+    except TechniqueError as exc:
+        raise ExportError(f"the recipe's technique: {exc}") from None
+    refusal = technique.export_refusal(output_format)
+    if refusal is not None:
+        raise ExportError(refusal)
     directory = None if parents_dir is None else Path(parents_dir)
     if config_dir is None and doc.get("config_dir") and Path(doc["config_dir"]).is_dir():
         config_dir = doc["config_dir"]  # the study's own render configs, where they still are
@@ -85,8 +91,7 @@ def replay_to_file(
         raise ExportError(f"the recipe sets LoRA strengths {sorted(recipe.loras)} but lists no LoRA files")
     if doc.get("recalibrate") is not None:
         from optimizer.study.config import parse_study_config
-        from optimizer.study.runner import StudyRunner
-        from optimizer.study.storage import StudyFolder
+        from optimizer.study.techniques import study_parents
 
         study_file = {**doc["study_file"], "parents": paths}
         if config_dir is not None:
@@ -95,13 +100,11 @@ def replay_to_file(
         by_name = dict(loras)
         config = config.model_copy(update={"loras": [lora.model_copy(update={"path": by_name.get(lora.resolved_name, lora.path)})
                                                      for lora in config.loras]})
-        with tempfile.TemporaryDirectory() as scratch:
-            runner = StudyRunner(config, folder=StudyFolder(Path(scratch)))
-            runner.prepare(recipe)
-            state = runner.merger.state_dict()
-            render_dir = _render_dir(runner.parents, config_dir=config.config_dir, output_format=output_format)
-            return write_merged(state_dict=state, parents=runner.parents, recipe=recipe, output=output, output_format=output_format,
-                                config_dir=render_dir, overwrite=overwrite, dtype=doc.get("output_dtype"))
+        study_loaded = study_parents(config)  # as the study loaded them: the recalibrated norms depend on the dtype
+        state = technique.export_state(config=config, parents=study_loaded, recipe=recipe)
+        render_dir = _render_dir(study_loaded, config_dir=config.config_dir, output_format=output_format)
+        return write_merged(state_dict=state, parents=study_loaded, recipe=recipe, output=output, output_format=output_format,
+                            config_dir=render_dir, overwrite=overwrite, dtype=doc.get("output_dtype"))
     adapters = []
     if loras:
         from optimizer.adapters.lora import load_loras

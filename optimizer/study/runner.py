@@ -42,20 +42,18 @@ import torch
 from objectives.base import Objective, ObjectiveError
 from objectives.combine import combine_scores
 from optimizer.adapters.lbw import parse_lbw
-from optimizer.adapters.lora import load_loras
 from optimizer.errors import EvomergeError
-from optimizer.merge import Merger, MergeRecipe
-from optimizer.merge_files import load_parents
+from optimizer.merge import MergeRecipe
 from optimizer.render.grid import grid_png
 from optimizer.render.prompts import Split, load_prompt_set
 from optimizer.render.renderer import Renderer
 from optimizer.study.config import StudyConfig, StudyConfigError
 from optimizer.study.export import PROVENANCE_ATTR, provenance
 from optimizer.study.liveness import settle_trials
-from optimizer.study.pipeline import bound_pipeline, denoiser, unet_config
 from optimizer.study.samplers import make_pruner, make_sampler, process_seed
 from optimizer.study.space import BoundSpace, bind_space, inert_dimensions, pin_dimensions, suggest_recipe, warm_start_params
 from optimizer.study.storage import CONFIG_ATTR, StudyFolder, open_storage
+from optimizer.study.techniques import Technique, build_technique, study_loras, study_parents
 
 __all__ = ["StudyFailed", "StudyInterrupted", "StudyRunner", "create_or_load_study", "run_study"]
 
@@ -126,15 +124,6 @@ class StudyInterrupted(EvomergeError):
         self.study = study
 
 
-def default_dtype(config: StudyConfig) -> str | None:
-    """The bank dtype of a study: the study file's, else fp32 on CPU (fp16 kernels are slow there), else the parents'."""
-    if config.dtype is not None:
-        return config.dtype
-    from optimizer.merge_files import resolve_device
-
-    return "fp32" if resolve_device(config.device).type == "cpu" else None
-
-
 def lora_null_blocks(lora) -> list[str]:
     """The blocks in which every layer of ``lora`` adds nothing (a zero factor or scale)."""
     live = {layer.block for layer in lora.layers if layer.scale != 0 and bool(layer.up.any()) and bool(layer.down.any())}
@@ -150,16 +139,11 @@ class StudyRunner:
         self.config = config
         self.folder = folder
         started = time.perf_counter()
-        self.parents = load_parents(paths=config.parents, dtype=default_dtype(config), device=config.device, placement=config.placement,
-                                    allow_nonfinite=config.allow_nonfinite)
+        self.parents = study_parents(config)
         layout = self.parents.bank.layout
         if config.architecture not in ("auto", layout.name):
             raise StudyConfigError(f"architecture: the study says {config.architecture}, the parents are {layout.name}")
-        folder_unet = unet_config(self.parents, config_dir=config.config_dir) if config.loras else {}
-        self.loras = (
-            load_loras([(l.resolved_name, l.path) for l in config.loras], bank=self.parents.bank, unet_config=folder_unet)
-            if config.loras else []
-        )
+        self.loras = study_loras(config, self.parents)
         lbw = [parse_lbw(c.lbw, layout=layout, touched=l.blocks) if c.lbw else None for c, l in zip(config.loras, self.loras, strict=True)]
         self.space: BoundSpace = bind_space(
             config.search_space, layout=layout, method=config.method, n_parents=self.parents.bank.n_parents,
@@ -168,47 +152,11 @@ class StudyRunner:
             hypernetworks=[(h.resolved_name, h.strength) for h in config.hypernetworks],
         )
         self.notes: list[str] = []  # what the set-up found and the user should know (printed by the CLI)
-        self._pin_inert_dimensions(config)
-        self.merger: Merger | None = None
-        self.ensemble = None
-        if config.technique == "output_ensemble":
-            from optimizer.render.ensemble import ensemble_pipeline
-            from optimizer.study.pipeline import parent_pipeline
-
-            members = [parent_pipeline(parents=self.parents, index=i, config_dir=config.config_dir) for i in range(self.parents.bank.n_parents)]
-            pipe = ensemble_pipeline(pipes=members, weights=[1.0] + [0.0] * (len(members) - 1))
-            self.ensemble = denoiser(pipe)
-            unets = list(self.ensemble.members)
-        else:
-            self.merger = Merger(self.parents.bank, loras=self.loras)
-            pipe = bound_pipeline(merger=self.merger, parents=self.parents, config_dir=config.config_dir)
-            unets = [denoiser(pipe)]
-        self.hypernetworks = None
-        if config.hypernetworks:
-            from optimizer.adapters.hypernetwork import HypernetworkStack, install_hypernetworks, load_hypernetwork
-
-            bank = self.parents.bank
-            stack = HypernetworkStack([load_hypernetwork(h.path, device=bank.device, dtype=bank.dtype) for h in config.hypernetworks])
-            for h, loaded in zip(config.hypernetworks, stack, strict=True):
-                loaded.name = h.resolved_name
-            stack.set_strengths([0.0] * len(stack))
-            for unet in unets:
-                install_hypernetworks(unet, stack)
-            self.hypernetworks = stack
-        if config.render.decoder == "taesd":
-            from optimizer.render.taesd import with_taesd_decoder
-
-            pipe = with_taesd_decoder(pipe, directory=config.render.taesd, architecture=layout.name)
         self.prompt_set = load_prompt_set(config.prompts)
-        self.recalibrator = None
-        if config.recalibrate is not None:
-            from optimizer.study.recalibration import StudyRecalibrator
-
-            assert self.merger is not None
-            self.recalibrator = StudyRecalibrator(
-                pipe=pipe, merger=self.merger, prompts=[p.prompt for p in self.prompt_set.prompts("search")], config=config.recalibrate
-            )
-        self.renderer = Renderer(pipe, prompt_set=self.prompt_set, batch_size=config.render.batch_size)
+        self.technique: Technique = build_technique(config, parents=self.parents, loras=self.loras,
+                                                    search_prompts=[p.prompt for p in self.prompt_set.prompts("search")])
+        self._pin_inert_dimensions()
+        self.renderer = Renderer(self.technique.pipe, prompt_set=self.prompt_set, batch_size=config.render.batch_size)
         device = str(self.parents.bank.device)
         self.objectives: list[Objective] = build_objectives(config.objective_specs, device=device)
         self.weights = [o.weight for o in config.objectives]
@@ -221,13 +169,13 @@ class StudyRunner:
         self._last_images: tuple[int, str, str] | None = None
         self.setup_seconds = time.perf_counter() - started
 
-    def _pin_inert_dimensions(self, config: StudyConfig) -> None:
+    def _pin_inert_dimensions(self) -> None:
         """Take out of the search what cannot change the weights, and say so (a study of identical
         parents, or of a block equal in all of them, would search nothing and report noise).
         :func:`run_study` refuses a study whose every searched value was pinned; a runner built
         only to evaluate fixed recipes (a single model as identical parents) is fine."""
         inert: dict[str, str] = {}
-        if config.technique != "output_ensemble":  # an ensemble's weight mixes predictions, not weights
+        if self.technique.searches_weights:  # an ensemble's weight mixes predictions, not weights
             equal = self.parents.bank.equal_segments(names=self.space.layout.blocks)
             null = {lora.name: lora_null_blocks(lora) for lora in self.loras}
             inert = inert_dimensions(self.space, equal_blocks=equal, lora_null_blocks=null)
@@ -325,30 +273,9 @@ class StudyRunner:
         trial.set_user_attr("grid_prompts", prompts)
 
     def prepare(self, recipe: MergeRecipe) -> dict[str, float]:
-        """Make the pipeline render ``recipe``: merge (LoRAs added in the kernel), or set the output
-        ensemble's weights; recalibrate the norms (before LoRAs: the correction is the merge's);
-        set the hypernetworks' strengths. Returns seconds per step."""
-        seconds: dict[str, float] = {}
-        if self.ensemble is not None:
-            alpha = recipe.params["alpha"][self.space.layout.blocks[0]]
-            self.ensemble.set_weights([1.0 - alpha, alpha])
-        elif self.recalibrator is not None:
-            stats = self.merger.merge(recipe, with_loras=False)
-            seconds["merge"] = stats.seconds
-            if self.hypernetworks is not None:
-                self.hypernetworks.set_strengths([0.0] * len(self.hypernetworks))
-            seconds["recalibrate"] = self.recalibrator.apply(recipe).seconds
-            lora = self.merger.add_loras(recipe)
-            if lora is not None:
-                seconds["lora"] = lora.seconds
-        else:
-            stats = self.merger.merge(recipe)
-            seconds["merge"] = stats.seconds
-            if stats.lora_layers:
-                seconds["lora"] = stats.lora_seconds
-        if self.hypernetworks is not None:
-            self.hypernetworks.set_strengths({h.name: recipe.hypernetworks.get(h.name, 0.0) for h in self.hypernetworks})
-        return seconds
+        """Make the pipeline render ``recipe`` (the technique's steps, see
+        :mod:`optimizer.study.techniques`). Returns seconds per step."""
+        return self.technique.prepare(recipe)
 
     @property
     def worker(self) -> dict[str, Any]:

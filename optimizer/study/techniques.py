@@ -138,6 +138,12 @@ class Technique(ABC):
         return None
 
     @classmethod
+    def export_state(cls, *, config: StudyConfig, parents: LoadedParents, recipe: MergeRecipe,
+                     built: Technique | None = None) -> dict[str, torch.Tensor] | None:
+        """The weights ``recipe`` exports to (``None``: a plain merge the kernel streams to a file)."""
+        raise TechniqueError(f"technique {cls.name} has no weights to export")
+
+    @classmethod
     def export_hint(cls, root: Any) -> str:
         """The end-of-study export command."""
         return f"export: evomerge export {root} --format safetensors -o best.safetensors"

@@ -110,9 +110,7 @@ class CandidateEvaluator:
             started = time.perf_counter()
             images = generate(pipe, prompts=self.evaluation.captions, seeds=self.evaluation.seeds, steps=self.steps, guidance=self.guidance)
             seconds = time.perf_counter() - started
-            members = 1
-            if runner.ensemble is not None:
-                members = sum(1 for w in runner.ensemble.weights if w != 0.0)
+            members = runner.technique.evaluations_per_step
         figures = self.meter.score(images, fid=self.fid)
         return {
             "label": candidate.label,

@@ -74,7 +74,7 @@ def main() -> None:
     print(f"\n{len(jobs)} held-out prompts (never seen by the search):")
     print(f"  {'recipe':22s} {'CLIP':>6s} {'digit':>6s} {'fg':>6s} {'bg':>6s}")
     for label, recipe in candidates.items():
-        runner.merger.merge(recipe)
+        runner.technique.merger.merge(recipe)
         images = runner.renderer.render(jobs)
         clip = runner.objectives[0]
         clip.reset()
