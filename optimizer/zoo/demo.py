@@ -22,7 +22,7 @@ from optimizer.merge import MergeRecipe
 from optimizer.zoo import domain, paths
 from optimizer.zoo.build import ZooError
 
-STUDY = Path(__file__).resolve().parents[1] / "studies" / "zoo-shape-colour.yaml"
+STUDY = Path(__file__).resolve().parents[2] / "studies" / "zoo-shape-colour.yaml"
 OUT = Path("out/demo")
 
 
