@@ -9,7 +9,7 @@ plain data: nothing heavy is built here (see :mod:`optimizer.study.runner`).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,6 +105,15 @@ class WarmStart(_Strict):
         return self
 
 
+def _resolvable(value: str, *, resolve: Callable[[str], Any], error: type[Exception]) -> str:
+    """``value`` if ``resolve(value)`` finds it; the registry's own ``error`` message as the field's ``ValueError`` otherwise."""
+    try:
+        resolve(value)
+    except error as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
 def _registered(kind: str, registry: Mapping[str, Any]):
     """A ``name`` field validator: the value must be a key of ``registry``."""
 
@@ -160,11 +169,7 @@ class ObjectiveConfig(_Strict):
     def _known(cls, value: str) -> str:
         from objectives.registry import ScorerRegistryError, get_scorer
 
-        try:
-            get_scorer(value)
-        except ScorerRegistryError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        return _resolvable(value, resolve=get_scorer, error=ScorerRegistryError)
 
     @property
     def scorer(self) -> type:
@@ -371,11 +376,7 @@ class StudyConfig(_Strict):
     def _known_technique(cls, value: str) -> str:
         from optimizer.study.techniques import TechniqueError, technique_class
 
-        try:
-            technique_class(value)
-        except TechniqueError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        return _resolvable(value, resolve=technique_class, error=TechniqueError)
 
     @field_validator("method")
     @classmethod
@@ -383,11 +384,7 @@ class StudyConfig(_Strict):
         from optimizer.merge import get_method
         from optimizer.merge.errors import MergeMethodError
 
-        try:
-            get_method(value)
-        except MergeMethodError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        return _resolvable(value, resolve=get_method, error=MergeMethodError)
 
     @model_validator(mode="after")
     def _consistent(self) -> StudyConfig:
