@@ -63,8 +63,8 @@ def _write_parent(path: Path, components: dict, architecture: str) -> Path:
 
         state = tiny_ldm_state_dict(components, architecture)
     else:
-        from optimizer.checkpoint.convert import from_diffusers
         from optimizer.architectures.layout import load_layout
+        from optimizer.checkpoint.convert import from_diffusers
 
         state = from_diffusers(modules={n: m.state_dict() for n, m in components.items()}, layout=load_layout(architecture),
                                configs={n: dict(m.config) for n, m in components.items() if n == "vae"})
@@ -94,7 +94,8 @@ def run(architecture: str, *, tiny: bool, trials: int, prompts: int, steps: int,
     import yaml
 
     from optimizer.study.config import load_study_config
-    from optimizer.study.runner import StudyRunner, run_study
+    from optimizer.study.loop import run_study
+    from optimizer.study.runner import StudyRunner
     from optimizer.study.storage import StudyFolder
     from optimizer.zoo.prompts import zoo_prompt_set_data
 

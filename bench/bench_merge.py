@@ -35,146 +35,24 @@ import statistics
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 if __package__:  # python -m bench.bench_merge
     from . import _common as common
+    from .merge_report import print_table, summarize
+    from .sd15_unet import SD15_UNET_PARAMS, mecha_block, parent_state_dict, random_pool, sd15_unet_shapes
 else:  # python bench/bench_merge.py
     import _common as common
+    from merge_report import print_table, summarize
+    from sd15_unet import SD15_UNET_PARAMS, mecha_block, parent_state_dict, random_pool, sd15_unet_shapes
 
-SD15_UNET_TENSORS = 686
-SD15_UNET_PARAMS = 859_520_964
 # 26 distinct block weights (BASE, IN00..IN11, M00, OUT00..OUT11), strictly inside (0, 1) so that
 # no implementation can shortcut a block to a plain copy of A or B.
 WEIGHTS = [round(0.05 + 0.035 * i, 4) for i in range(26)]
 MBW = ",".join(f"{w:g}" for w in WEIGHTS)
 SEED_A, SEED_B = 1234, 5678
-POOL_ELEMENTS = 32 * 2**20  # random pool per parent; each tensor is a seeded window of it
 DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16"}
 TOLERANCES = {"fp16": (1e-3, 2e-4), "bf16": (1e-2, 2e-3), "fp32": (1e-5, 1e-7)}  # (rtol, atol)
-
-
-# --------------------------------------------------------------------------------------------
-# model shapes
-
-
-def _mecha_sd1_ldm_yaml() -> Path | None:
-    spec = importlib.util.find_spec("sd_mecha")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "extensions" / "builtin" / "model_configs" / "sd1-ldm.yaml"
-    return path if path.is_file() else None
-
-
-def _diffusers_sd15_unet_meta():
-    """diffusers SD1.5 UNet state dict (meta tensors) and config.
-
-    ``UNet2DConditionModel()``'s default config is NOT SD1.5: its cross_attention_dim is 1280
-    (872,300,484 parameters). SD1.5 is that default with cross_attention_dim=768."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-
-    with init_empty_weights():
-        unet = UNet2DConditionModel(cross_attention_dim=768)
-    return unet.state_dict(), dict(unet.config)
-
-
-def _mecha_shapes() -> dict[str, list[int]] | None:
-    import yaml
-
-    path = _mecha_sd1_ldm_yaml()
-    if path is None:
-        return None
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    config = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
-    return {k: list(v["shape"]) for k, v in config["components"]["diffuser"].items()}
-
-
-def sd15_unet_shapes() -> tuple[dict[str, list[int]], str]:
-    """Ordered ``{ldm_key: shape}`` of the 686 SD1.5 UNet tensors, and where they came from.
-
-    Source, first that works: the diffusers meta model renamed with
-    ``optimizer.checkpoint.keymap.diffusers_to_ldm``; else sd-mecha's shipped ``sd1-ldm.yaml``
-    (component ``diffuser``). Checked: 686 tensors, 859,520,964 parameters, the same multiset of
-    shapes as the diffusers model, and (when both are available) the same keys and shapes as
-    sd-mecha's table."""
-    import collections
-
-    meta_sd, unet_config = _diffusers_sd15_unet_meta()
-    meta = {k: tuple(v.shape) for k, v in meta_sd.items()}
-    mecha = _mecha_shapes()
-    shapes: dict[str, list[int]] | None = None
-    source = ""
-    if importlib.util.find_spec("optimizer.checkpoint.keymap") is not None:
-        try:
-            from optimizer.checkpoint.keymap import diffusers_to_ldm
-
-            ldm = diffusers_to_ldm(components={"unet": meta_sd}, architecture="sd1", unet_config=unet_config)
-            shapes = {k: list(v.shape) for k, v in ldm.items()}
-            source = "diffusers UNet2DConditionModel(cross_attention_dim=768) on meta, renamed by optimizer.checkpoint.keymap.diffusers_to_ldm"
-            if mecha is not None:
-                if shapes != mecha and {k: tuple(v) for k, v in shapes.items()} != {k: tuple(v) for k, v in mecha.items()}:
-                    raise SystemExit("keymap.diffusers_to_ldm's SD1.5 UNet keys/shapes differ from sd-mecha's sd1-ldm.yaml")
-                source += " (identical to sd-mecha's sd1-ldm.yaml)"
-        except SystemExit:
-            raise
-        except Exception as exc:  # noqa: BLE001 - fall back to sd-mecha's table
-            print(f"[bench] keymap.diffusers_to_ldm unusable ({type(exc).__name__}: {exc}); using sd-mecha's sd1-ldm.yaml", file=sys.stderr)
-            shapes = None
-    if shapes is None:
-        if mecha is None:
-            raise SystemExit("need optimizer.checkpoint.keymap or sd-mecha's sd1-ldm.yaml for the LDM key names: pip install sd-mecha")
-        shapes = mecha
-        source = "sd-mecha sd1-ldm.yaml (component 'diffuser'), cross-checked with diffusers UNet2DConditionModel(cross_attention_dim=768) on meta"
-    n_params = sum(math.prod(s) for s in shapes.values())
-    if len(shapes) != SD15_UNET_TENSORS or n_params != SD15_UNET_PARAMS:
-        raise SystemExit(f"expected {SD15_UNET_TENSORS} tensors / {SD15_UNET_PARAMS:,} params, got {len(shapes)} / {n_params:,}")
-    meta_params = sum(math.prod(s) for s in meta.values())
-    if len(meta) != SD15_UNET_TENSORS or meta_params != SD15_UNET_PARAMS:
-        raise SystemExit(f"diffusers SD1.5 UNet: expected {SD15_UNET_TENSORS} / {SD15_UNET_PARAMS:,}, got {len(meta)} / {meta_params:,}")
-    if collections.Counter(tuple(s) for s in shapes.values()) != collections.Counter(meta.values()):
-        raise SystemExit("LDM shapes differ from the diffusers SD1.5 UNet's shapes")
-    return shapes, source
-
-
-# --------------------------------------------------------------------------------------------
-# parents: seeded random data, cheap to build in every subprocess
-
-
-def _pool(seed: int):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(POOL_ELEMENTS, generator=g, dtype=torch.float32).mul_(0.02)
-
-
-def parent_state_dict(shapes: dict[str, list[int]], seed: int, pool=None) -> dict:
-    """``{key: tensor}`` of fp32 N(0, 0.02^2) values: each tensor is a window, at an offset seeded
-    by (seed, key), of one random pool of 32M values per parent. Views, so building a parent
-    costs ~130 MB and ~1 s instead of 3.4 GB and ~20 s; timings do not depend on the values."""
-    pool = _pool(seed) if pool is None else pool
-    out = {}
-    for key, shape in shapes.items():
-        numel = math.prod(shape)
-        span = POOL_ELEMENTS - numel
-        off = zlib.crc32(f"{seed}:{key}".encode()) % span if span > 0 else 0
-        out[key] = pool[off : off + numel].view(*shape)
-    return out
-
-
-def evomerge_block(key: str) -> str:
-    from optimizer.architectures import load_layout
-
-    return load_layout("sd1").owner_of(key)
-
-
-def mecha_block(key: str) -> str:
-    """sd-mecha's sd1 block convention (convert_sd1_blocks_to_ldm): as evomerge's, except that
-    ``time_embed`` belongs to BASE (evomerge: IN00)."""
-    if ".time_embed." in key:
-        return "BASE"
-    return evomerge_block(key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,10 +330,10 @@ def worker_mecha(args) -> dict:
     pa, pb = tmp / "parent_a.safetensors", tmp / "parent_b.safetensors"
     try:
         t0 = time.perf_counter()
-        pool_a = _pool(SEED_A)
+        pool_a = random_pool(SEED_A)
         size = write_safetensors(pa, parent_state_dict(shapes, SEED_A, pool_a), dtype)
         del pool_a
-        pool_b = _pool(SEED_B)
+        pool_b = random_pool(SEED_B)
         write_safetensors(pb, parent_state_dict(shapes, SEED_B, pool_b), dtype)
         del pool_b
         gc.collect()
@@ -563,130 +441,6 @@ def run_worker(kind: str, dtype: str, args, shapes_path: Path) -> dict:
     res, returncode = common.run_worker(__file__, cmd)
     print(f" FAILED (exit {returncode})" if returncode != 0 else f" {res['wall_s']:.1f} s")
     return res
-
-
-def _ratio(x: float | None, y: float | None) -> float | None:
-    return x / y if x is not None and y else None
-
-
-def _med(d: dict, *path: str) -> float | None:
-    for p in path:
-        if not isinstance(d, dict) or p not in d:
-            return None
-        d = d[p]
-    return d.get("median_s") if isinstance(d, dict) else None
-
-
-def summarize(dtype: str, r: dict, device: str) -> dict:
-    k = r.get("kernel", {})
-    kernel = _med(k, "kernel")
-    model_bytes = k.get("model_bytes")
-    s = {
-        "kernel_s": kernel,
-        "copy_s": _med(k, "copy"),
-        "add_s": _med(k, "add"),
-        "lerp_flat_s": _med(k, "lerp_flat"),
-        "lerp_segments_s": _med(k, "lerp_segments"),
-        "naive_s": _med(k, "naive"),
-        "mecha_s": _med(r.get("mecha", {}), "merge"),
-        "model_bytes": model_bytes,
-        "backend": k.get("backend"),
-        "kernel_torch_s": _med(k, "kernel_torch"),
-    }
-    for name in ("ties", "dare", "slerp"):
-        s[f"{name}_s"] = _med(k.get("methods", {}), name)
-    s["tiles_s"] = {key.removeprefix("fused_tile_"): v["median_s"] for key, v in k.items() if key.startswith("fused_tile_")}
-    # headline ratios: median over rounds of (kernel time / op time) in the same round, robust to
-    # background load on a shared machine; *_medians: ratio of the two medians; *_mins: of the minima
-    for op in ("copy", "add", "lerp_flat", "lerp_segments", "kernel_torch"):
-        s[f"kernel_over_{op}"] = k.get(op, {}).get("paired_kernel_over_this_median")
-        s[f"kernel_over_{op}_medians"] = _ratio(kernel, s[f"{op}_s"])
-        s[f"kernel_over_{op}_mins"] = _ratio(k.get("kernel", {}).get("min_s"), k.get(op, {}).get("min_s"))
-    s["naive_over_kernel"] = _ratio(s["naive_s"], kernel)
-    s["mecha_over_kernel"] = _ratio(s["mecha_s"], kernel)
-    if model_bytes and kernel:
-        # bytes moved by a 2-parent lerp: read A, read B, write out
-        s["kernel_GBps"] = 3 * model_bytes / kernel / 1e9
-        s["copy_GBps"] = 2 * model_bytes / s["copy_s"] / 1e9 if s["copy_s"] else None
-        s["add_GBps"] = 3 * model_bytes / s["add_s"] / 1e9 if s["add_s"] else None
-    goal = 1.5 if device.startswith("cuda") else 1.3
-    s["goals"] = {
-        "kernel_over_copy_max": goal,
-        "kernel_over_copy_met": s["kernel_over_copy"] is not None and s["kernel_over_copy"] <= goal,
-        "mecha_over_kernel_min": 20,
-        "mecha_over_kernel_met": None if s["mecha_over_kernel"] is None else s["mecha_over_kernel"] >= 20,
-    }
-    m = r.get("memory", {})
-    s["peak_rss_bytes"] = m.get("peak_rss")
-    s["peak_over_3x_model"] = m.get("peak_over_3x_model")
-    s["peak_minus_baseline_over_3x_model"] = m.get("peak_minus_baseline_over_3x_model")
-    s["merge_phase_rss_growth_bytes"] = m.get("merge_phase_growth")
-    s["cuda_max_memory_allocated"] = m.get("cuda_max_memory_allocated")
-    s["correct"] = k.get("correctness", {}).get("kernel_allclose_naive")
-    s["mecha_correct"] = r.get("mecha", {}).get("correctness", {}).get("allclose_naive_with_mecha_blocks")
-    return s
-
-
-def _f(x, fmt="{:.3f}"):
-    return "-" if x is None else fmt.format(x)
-
-
-def print_table(summary: dict, info: dict) -> None:
-    dts = list(summary)
-    rows = [
-        ("evomerge kernel (s)", "kernel_s", "{:.4f}"),
-        ("  kernel backend", "backend", "str"),
-        ("  torch backend on CUDA (s)", "kernel_torch_s", "{:.4f}"),
-        ("copy_ floor (s)", "copy_s", "{:.4f}"),
-        ("add(a,b,out) floor (s)", "add_s", "{:.4f}"),
-        ("lerp flat, 1 call (s)", "lerp_flat_s", "{:.4f}"),
-        ("lerp per segment (s)", "lerp_segments_s", "{:.4f}"),
-        ("naive per-key loop (s)", "naive_s", "{:.3f}"),
-        ("sd-mecha merge (s)", "mecha_s", "{:.2f}"),
-        ("kernel / copy (paired per round)", "kernel_over_copy", "{:.2f}"),
-        ("kernel / copy (ratio of medians)", "kernel_over_copy_medians", "{:.2f}"),
-        ("kernel / copy (ratio of minima)", "kernel_over_copy_mins", "{:.2f}"),
-        ("kernel / add", "kernel_over_add", "{:.2f}"),
-        ("kernel / lerp flat", "kernel_over_lerp_flat", "{:.2f}"),
-        ("kernel / lerp per segment", "kernel_over_lerp_segments", "{:.2f}"),
-        ("kernel / torch backend", "kernel_over_kernel_torch", "{:.2f}"),
-        ("ties merge (s)", "ties_s", "{:.3f}"),
-        ("dare merge (s)", "dare_s", "{:.3f}"),
-        ("slerp merge (s)", "slerp_s", "{:.3f}"),
-        ("naive / kernel", "naive_over_kernel", "{:.1f}"),
-        ("sd-mecha / kernel", "mecha_over_kernel", "{:.1f}"),
-        ("kernel GB/s (3 x model)", "kernel_GBps", "{:.1f}"),
-        ("copy GB/s (2 x model)", "copy_GBps", "{:.1f}"),
-        ("model size (GB)", "model_bytes", None),
-        ("peak RSS (GB)", "peak_rss_bytes", None),
-        ("peak RSS / (3 x model)", "peak_over_3x_model", "{:.3f}"),
-        ("(peak-baseline)/(3 x model)", "peak_minus_baseline_over_3x_model", "{:.3f}"),
-        ("CUDA max allocated (GB)", "cuda_max_memory_allocated", None),
-        ("kernel == naive (allclose)", "correct", "bool"),
-        ("sd-mecha == naive", "mecha_correct", "bool"),
-    ]
-    head = f"{'SD1.5 UNet, ' + info['device'] + ', ' + str(info['torch_threads']) + ' threads':34s}" + "".join(f"{d:>12s}" for d in dts)
-    print()
-    print(head)
-    print("-" * len(head))
-    for label, key, fmt in rows:
-        cells = []
-        for d in dts:
-            v = summary[d].get(key)
-            if fmt is None:
-                cells.append(_f(v / 1e9 if v is not None else None, "{:.2f}"))
-            elif fmt == "str":
-                cells.append("-" if v is None else str(v))
-            elif fmt == "bool":
-                cells.append("-" if v is None else ("yes" if v else "NO"))
-            else:
-                cells.append(_f(v, fmt))
-        print(f"{label:34s}" + "".join(f"{c:>12s}" for c in cells))
-    for d in dts:
-        if summary[d].get("tiles_s"):
-            tiles = ", ".join(f"{t}: {v * 1e3:.2f} ms" for t, v in summary[d]["tiles_s"].items())  # TILExWARPS
-            print(f"fused kernel by tile size ({d}): {tiles}")
-    print()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ import-linter checks the contracts declared in pyproject.toml (imports inside fu
 this test runs it and also checks that the runtime contract lists every runtime module, so a new
 module is covered without editing the contract by hand being forgotten. A cross-package import of a
 private name (``from optimizer.zoo.build import _meter``) is refused as well: what another package
-uses is public.
+uses is public. And each module says its one job in a docstring and stays small (item 6).
 """
 
 from __future__ import annotations
@@ -79,3 +79,21 @@ def test_zoo_arrives_as_a_plug_in() -> None:
     assert entry_point(COMMANDS_GROUP, "zoo") is not None
     assert entry_point(OPEN_CLIP_GROUP, "evomerge-digits-clip") is not None
     assert entry_point(OPEN_CLIP_GROUP, "no-such-model") is None
+
+
+#: the size a module may grow to before it holds more than one idea (issue 18: "about 500 lines")
+MAX_MODULE_LINES = 550
+
+
+@pytest.mark.parametrize("package", [optimizer, objectives], ids=["optimizer", "objectives"])
+def test_every_module_says_its_job_and_stays_small(package) -> None:
+    """Each module opens with a docstring (its one job) and stays under :data:`MAX_MODULE_LINES`."""
+    undocumented, large = [], []
+    for _, path in _modules(package):
+        source = path.read_text()
+        if source.strip() and not ast.get_docstring(ast.parse(source)):
+            undocumented.append(str(path.relative_to(ROOT)))
+        if source.count("\n") > MAX_MODULE_LINES:
+            large.append(f"{path.relative_to(ROOT)} ({source.count(chr(10))} lines)")
+    assert not undocumented, f"no module docstring: {', '.join(undocumented)}"
+    assert not large, f"over {MAX_MODULE_LINES} lines, split by concern: {', '.join(large)}"

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from optimizer.architectures.layout import load_layout
 from optimizer.cli import app
 from optimizer.study.config import load_study_config
-from optimizer.study.runner import StudyRunner, run_study
+from optimizer.study.loop import run_study
+from optimizer.study.runner import StudyRunner
 from optimizer.study.storage import StudyFolder
 from optimizer.testing.tiny_models import tiny_config_dir, tiny_sd1_components, write_tiny_ldm
 from tests.zoo_clip import ZOO_CLIP

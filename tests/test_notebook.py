@@ -13,15 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from optimizer.experiments.article import (
-    ARTICLE_ALPHA,
-    EXPERIMENTS,
-    STUDIES,
-    _study_config,
-    claims,
-    summarize,
-    sweep_candidates,
-)
+from optimizer.experiments.article import ARTICLE_ALPHA, claims, summarize, sweep_candidates
+from optimizer.experiments.article_settings import EXPERIMENTS, STUDIES
+from optimizer.experiments.article_studies import overridden_study_config
 from optimizer.study.config import load_study_config
 from optimizer.zoo import paths
 
@@ -119,7 +113,7 @@ def test_every_experiment_study_file_validates() -> None:
 
 
 def test_study_overrides_keep_the_file_and_change_budget_and_seed(tmp_path: Path) -> None:
-    config = _study_config(STUDIES["blocks-tpe"], name="x-seed2", seed=2, trials=4, prompts=str(tmp_path / "p.yaml"))
+    config = overridden_study_config(STUDIES["blocks-tpe"], name="x-seed2", seed=2, trials=4, prompts=str(tmp_path / "p.yaml"))
     original = load_study_config(EXPERIMENTS / STUDIES["blocks-tpe"])
     assert (config.name, config.sampler.seed, config.budget.trials, config.prompts) == ("x-seed2", 2, 4, str(tmp_path / "p.yaml"))
     assert config.search_space == original.search_space and config.parents == original.parents

@@ -1,15 +1,10 @@
 """Studies on the embedded zoo: config validation, the search space, run/record/report/export,
-replay of an exported recipe, failed trials, Pareto studies, resume after kill -9."""
+replay of an exported recipe, failed trials, Pareto studies (resume: test_study_resume.py)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -23,8 +18,8 @@ from optimizer.cli import app
 from optimizer.study.config import ParamSpace, StudyConfigError, WarmStart, load_study_config, parse_study_config
 from optimizer.study.space import bind_space, suggest_recipe, warm_start_params
 from optimizer.zoo import paths
-from optimizer.zoo.prompts import zoo_prompt_set_data
 from tests.zoo_clip import ZOO_CLIP
+from tests.zoo_study import write_zoo_study, zoo_study_data
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = paths.default_zoo_dir()
@@ -32,31 +27,6 @@ needs_zoo = pytest.mark.skipif(not (ZOO / paths.MANIFEST).is_file(), reason="stu
 SD1 = load_layout("sd1")
 runner = CliRunner()
 
-
-def _study_data(tmp: Path, **overrides) -> dict:
-    prompts = zoo_prompt_set_data()
-    prompts.update(search=prompts["search"][:6], held_out=prompts["held_out"][:4], steps=6)
-    (tmp / "prompts.yaml").write_text(yaml.safe_dump(prompts))
-    data = {
-        "name": "test-study",
-        "parents": [str(paths.model_file(ZOO, "shape")), str(paths.model_file(ZOO, "colour"))],
-        "search_space": {"alpha": {"groups": {"IN": [f"IN{i:02d}" for i in range(12)], "OUT": [f"OUT{i:02d}" for i in range(12)]}}},
-        "sampler": {"name": "random", "seed": 1},
-        "pruner": {"name": "none"},
-        "objectives": ["clip"],
-        "scorers": dict(ZOO_CLIP),
-        "prompts": "prompts.yaml",
-        "render": {"batch_size": 3, "grid_images": 4},
-        "budget": {"trials": 3},
-    }
-    data.update(overrides)
-    return data
-
-
-def _write_study(tmp: Path, **overrides) -> Path:
-    path = tmp / "study.yaml"
-    path.write_text(yaml.safe_dump(_study_data(tmp, **overrides)))
-    return path
 
 
 # ------------------------------------------------------------------------------------ study file
@@ -81,12 +51,12 @@ def _write_study(tmp: Path, **overrides) -> Path:
 )
 def test_bad_study_files_name_the_field(tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(StudyConfigError) as info:
-        parse_study_config(_study_data(tmp_path, **change), source="s.yaml", base=tmp_path)
+        parse_study_config(zoo_study_data(tmp_path, **change), source="s.yaml", base=tmp_path)
     assert message in str(info.value) and str(info.value).startswith("s.yaml: ")
 
 
 def test_study_file_paths_are_relative_to_the_file(tmp_path: Path) -> None:
-    config = load_study_config(_write_study(tmp_path, parents=["models/a.safetensors", "/abs/b.safetensors"]))
+    config = load_study_config(write_zoo_study(tmp_path, parents=["models/a.safetensors", "/abs/b.safetensors"]))
     assert config.parents == [str((tmp_path / "models/a.safetensors").resolve()), "/abs/b.safetensors"]
     assert config.prompts == str((tmp_path / "prompts.yaml").resolve())
     with pytest.raises(StudyConfigError, match="no study file"):
@@ -150,7 +120,7 @@ def test_warm_starts() -> None:
 # ------------------------------------------------------------------------------ running a study
 @needs_zoo
 def test_short_zoo_study_records_trials_reports_and_exports_a_replayable_recipe(tmp_path: Path) -> None:
-    study_file = _write_study(tmp_path, warm_start=["parents"], budget={"trials": 3})
+    study_file = write_zoo_study(tmp_path, warm_start=["parents"], budget={"trials": 3})
     out = tmp_path / "run"
     threads = torch.get_num_threads()
     try:
@@ -217,10 +187,11 @@ def test_short_zoo_study_records_trials_reports_and_exports_a_replayable_recipe(
 @needs_zoo
 def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path: Path, monkeypatch) -> None:
     from optimizer.render.renderer import NonFiniteImages
-    from optimizer.study.runner import StudyFailed, StudyRunner, run_study
+    from optimizer.study.loop import StudyFailed, run_study
+    from optimizer.study.runner import StudyRunner
     from optimizer.study.storage import StudyFolder
 
-    config = load_study_config(_write_study(tmp_path, budget={"trials": 3}, calibration={"gate": False}))  # the renderer below fails on purpose
+    config = load_study_config(write_zoo_study(tmp_path, budget={"trials": 3}, calibration={"gate": False}))  # the renderer below fails on purpose
     folder = StudyFolder(tmp_path / "run")
     study_runner = StudyRunner(config, folder=folder)
     real_batches = study_runner.renderer.batches
@@ -271,7 +242,7 @@ def test_pareto_study_exports_the_best_trial_on_held_out_prompts(tmp_path: Path)
     items = domain.samples(images="test", captions="held_out", count=24, seed=3)
     for i, image in enumerate(domain.render([s.index for s in items], [s.attributes for s in items])):
         save_image(image, str(reference / f"{i:03d}.png"))
-    study_file = _write_study(
+    study_file = write_zoo_study(
         tmp_path, name="pareto", mode="pareto", objectives=["clip", "fid"], sampler={"name": "nsga2", "seed": 0},
         scorers={**ZOO_CLIP, "reference": str(reference), "features": "clip"}, budget={"trials": 3},
     )
@@ -291,10 +262,10 @@ def test_pareto_study_exports_the_best_trial_on_held_out_prompts(tmp_path: Path)
 
 @needs_zoo
 def test_a_rerun_with_a_changed_study_file_is_refused(tmp_path: Path) -> None:
-    study_file = _write_study(tmp_path, budget={"trials": 1})
+    study_file = write_zoo_study(tmp_path, budget={"trials": 1})
     out = tmp_path / "run"
     assert runner.invoke(app, ["study", "run", str(study_file), "--out", str(out), "--no-progress"]).exit_code == 0
-    _write_study(tmp_path, budget={"trials": 1}, sampler={"name": "tpe"})
+    write_zoo_study(tmp_path, budget={"trials": 1}, sampler={"name": "tpe"})
     result = runner.invoke(app, ["study", "run", str(study_file), "--out", str(out), "--no-progress"])
     assert result.exit_code == 2 and "holds study 'test-study'" in result.output and "different study file" in result.output
 
@@ -316,136 +287,6 @@ def test_the_trials_table_shows_no_partial_score_as_a_score() -> None:
     assert table.loc[1, "note"] == "pruned at 3 images (running score 0.91 over those images)"
 
 
-def test_a_study_stored_by_an_earlier_version_still_resumes(tmp_path: Path) -> None:
-    """Fields added to the study file since a study was created take their defaults when the
-    stored file is compared: the study is not "a different study file"."""
-    import json
-
-    from optimizer.study.runner import create_or_load_study
-    from optimizer.study.storage import CONFIG_ATTR, open_storage
-
-    config = parse_study_config(_study_data(tmp_path), source="test", base=tmp_path)
-    storage = open_storage(f"sqlite:///{tmp_path / 'old.db'}", heartbeat=config.heartbeat)
-    study, new = create_or_load_study(config, storage=storage)
-    older = config.model_dump(mode="json")
-    del older["allow_nonfinite"]  # what a study made before the field existed stored
-    study.set_user_attr(CONFIG_ATTR, json.dumps(older, sort_keys=True))
-    again, new = create_or_load_study(config, storage=storage)
-    assert not new and again.study_name == config.name
-
-
-def _states(db: Path) -> list[tuple[int, str]]:
-    with sqlite3.connect(db) as con:
-        return con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
-
-
-@needs_zoo
-def test_resume_after_kill_9_loses_no_completed_trial_and_retries_the_killed_one(tmp_path: Path) -> None:
-    study_file = _write_study(tmp_path, name="killed", budget={"trials": 6}, heartbeat={"interval": 1, "grace": 3, "max_retry": 2})
-    out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "optimizer.cli", "study", "run", str(study_file), "--out", str(out), "--no-progress"]
-    db = out / "study.db"
-    process = _run_until_a_trial_runs(cmd, db=db, env=env)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    before = _states(db)
-    complete_before = {n for n, s in before if s == "COMPLETE"}
-    killed = [n for n, s in before if s == "RUNNING"]
-    assert killed
-    time.sleep(3.5)  # past the heartbeat grace period
-    result = subprocess.run([sys.executable, "-m", "optimizer.cli", "study", "resume", str(out), "--no-progress"],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{db}")
-    by_number = {t.number: t for t in study.trials}
-    assert all(by_number[n].state.name == "COMPLETE" for n in complete_before)  # nothing lost
-    assert by_number[killed[0]].state.name == "FAIL"
-    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed[0]]
-    assert retried and retried[0].state.name == "COMPLETE"
-    # the parameters the killed trial had drawn are replayed (none if it died before sampling)
-    assert {k: retried[0].params[k] for k in by_number[killed[0]].params} == by_number[killed[0]].params
-    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 6
-    assert not [t for t in study.trials if t.state.name == "RUNNING"]
-    from optimizer.study.report import trials_table
-
-    note = trials_table(study).set_index("trial").loc[killed[0], "note"]
-    assert "process stopped" in note and f"retried as trial {retried[0].number}" in note
-
-
-def _run_until_a_trial_runs(cmd: list[str], *, db: Path, env: dict, complete: int = 2) -> subprocess.Popen:
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the study ended before it could be stopped: {process.stderr.read()[-2000:]}")
-        if db.is_file():
-            try:
-                states = _states(db)
-            except sqlite3.OperationalError:
-                states = []
-            if sum(s == "COMPLETE" for _, s in states) >= complete and any(s == "RUNNING" for _, s in states):
-                return process
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    pytest.fail("no running trial after two complete ones")
-
-
-@needs_zoo
-def test_ctrl_c_stops_cleanly_fails_and_requeues_the_running_trial_and_writes_the_report(tmp_path: Path) -> None:
-    study_file = _write_study(tmp_path, name="interrupted", budget={"trials": 5})
-    out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p), HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "optimizer.cli", "study", "run", str(study_file), "--out", str(out), "--no-progress"]
-    process = _run_until_a_trial_runs(cmd, db=out / "study.db", env=env)
-    try:
-        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("note: ")]  # set-up notes aside
-    assert len(lines) == 1 and "interrupted: trial" in lines[0] and "study resume" in lines[0], lines
-    study = optuna.load_study(study_name="interrupted", storage=f"sqlite:///{out / 'study.db'}")
-    stopped = [t for t in study.trials if t.state.name == "FAIL"]
-    assert len(stopped) == 1 and "interrupted" in stopped[0].user_attrs["failure"]
-    queued = [t for t in study.trials if t.system_attrs.get("failed_trial") == stopped[0].number]
-    assert len(queued) == 1 and queued[0].state.name == "WAITING" and queued[0].params == stopped[0].params
-    report = (out / "report" / "trials.md").read_text()
-    assert "interrupted" in report and "study interrupted" in stdout
-    result = subprocess.run([sys.executable, "-m", "optimizer.cli", "study", "resume", str(out), "--no-progress"],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    study = optuna.load_study(study_name="interrupted", storage=f"sqlite:///{out / 'study.db'}")
-    retried = next(t for t in study.trials if t.number == queued[0].number)
-    assert retried.state.name == "COMPLETE" and retried.params == stopped[0].params
-    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 5
-
-
-def test_resumed_and_joining_processes_do_not_replay_the_first_random_sequence() -> None:
-    from optimizer.study.config import SamplerConfig
-    from optimizer.study.samplers import make_sampler, process_seed
-
-    config = SamplerConfig(name="random", seed=0)
-    assert process_seed(config, trials_so_far=0) == 0
-    seeds = {process_seed(config, trials_so_far=0, salt=1), process_seed(config, trials_so_far=5), process_seed(config, trials_so_far=5, salt=9)}
-    assert len(seeds) == 3 and 0 not in seeds
-    assert process_seed(SamplerConfig(name="random", seed=None), trials_so_far=5) is None
-
-    def first_values(seed):
-        study = optuna.create_study(sampler=make_sampler(config, seed=seed))
-        return [study.ask().suggest_float("x", 0, 1) for _ in range(3)]
-
-    assert first_values(0) == first_values(0)
-    assert first_values(process_seed(config, trials_so_far=0, salt=1)) != first_values(0)
-
-
 @needs_zoo
 def test_an_fp16_study_renders_from_the_half_precision_buffer_and_exports_it_exactly(tmp_path: Path) -> None:
     """``dtype: fp16`` (the GPU default), here on CPU: the bank, the merge buffer and the bound
@@ -454,10 +295,11 @@ def test_an_fp16_study_renders_from_the_half_precision_buffer_and_exports_it_exa
     from safetensors.torch import load_file
 
     from optimizer.study.export import export_trial
-    from optimizer.study.runner import StudyRunner, run_study
+    from optimizer.study.loop import run_study
+    from optimizer.study.runner import StudyRunner
     from optimizer.study.storage import StudyFolder
 
-    config = load_study_config(_write_study(tmp_path, name="half", dtype="fp16", budget={"trials": 2}))
+    config = load_study_config(write_zoo_study(tmp_path, name="half", dtype="fp16", budget={"trials": 2}))
     folder = StudyFolder(tmp_path / "run")
     study_runner = StudyRunner(config, folder=folder)
     unet = study_runner.renderer.pipe.unet
@@ -484,7 +326,7 @@ def test_an_fp16_study_renders_from_the_half_precision_buffer_and_exports_it_exa
 def test_a_study_runs_a_plugin_sampler_named_module_colon_class(tmp_path: Path) -> None:
     """``sampler: {name: "tests.plugin_sampler:CentreFirstSampler", options: ...}``: the user's class
     proposes the trials (its first is the centre of every range), with the study's options."""
-    file = _write_study(tmp_path, budget={"trials": 2}, calibration={"gate": False},
+    file = write_zoo_study(tmp_path, budget={"trials": 2}, calibration={"gate": False},
                         sampler={"name": "tests.plugin_sampler:CentreFirstSampler", "seed": 2, "options": {"spread": 0.1}})
     out = tmp_path / "out"
     result = runner.invoke(app, ["study", "run", str(file), "--out", str(out), "--no-progress"])
@@ -506,7 +348,7 @@ def test_a_cpu_study_exports_in_its_parents_dtype_unless_the_study_file_names_on
         extra = {} if dtype is None else {"dtype": dtype}
         name = f"cpu-{dtype or 'default'}"
         (tmp_path / name).mkdir()
-        file = _write_study(tmp_path / name, name=name, budget={"trials": 1}, calibration={"gate": False}, **extra)
+        file = write_zoo_study(tmp_path / name, name=name, budget={"trials": 1}, calibration={"gate": False}, **extra)
         out = tmp_path / name / "out"
         assert runner.invoke(app, ["study", "run", str(file), "--out", str(out), "--no-progress"]).exit_code == 0
         target = tmp_path / f"{name}.safetensors"
@@ -531,7 +373,7 @@ def test_a_study_folder_moved_without_its_parents_exports_its_recipe_and_finds_m
 
     from safetensors.torch import load_file
 
-    data = _study_data(tmp_path, budget={"trials": 1}, calibration={"gate": False}, config_dir=str(ZOO / "config"))
+    data = zoo_study_data(tmp_path, budget={"trials": 1}, calibration={"gate": False}, config_dir=str(ZOO / "config"))
     for i, parent in enumerate(data["parents"]):
         data["parents"][i] = str(shutil.copy(parent, tmp_path / f"parent{i}.safetensors"))
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))

@@ -19,7 +19,7 @@ import pytest
 from optimizer.render.renderer import NonFiniteImages
 from optimizer.study.config import HeartbeatConfig, StudyConfigError, parse_study_config
 from optimizer.study.liveness import running_trials, settle_trials
-from optimizer.study.runner import StudyFailed, run_study
+from optimizer.study.loop import StudyFailed, run_study
 from optimizer.study.storage import StudyFolder, open_storage
 from tests.test_study import _study_data, needs_zoo
 

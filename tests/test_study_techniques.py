@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from optimizer.study.config import StudyConfigError, load_study_config
-from optimizer.study.runner import StudyRunner, run_study
+from optimizer.study.loop import run_study
+from optimizer.study.runner import StudyRunner
 from optimizer.study.space import suggest_recipe
 from optimizer.study.storage import StudyFolder
 from optimizer.zoo import paths

@@ -69,7 +69,7 @@ def _study_errors():
     from optimizer.study.config import StudyConfigError
     from optimizer.study.export import ExportError
     from optimizer.study.pipeline import BindingError
-    from optimizer.study.runner import StudyFailed
+    from optimizer.study.loop import StudyFailed
 
     return (StudyConfigError, PromptSetError, CheckpointError, LayoutError, MergeError, ExportError, BindingError, StudyFailed, FileNotFoundError)
 

@@ -51,7 +51,7 @@ def _run(config, folder, *, storage: str | None = None, progress: bool = True, s
     """Run (or join) the study of ``config`` in ``folder``; every check comes before anything is
     created. Ctrl-C: the running trial is failed and re-queued, the report is written, exit 130."""
     from optimizer.study.report import write_report
-    from optimizer.study.runner import StudyInterrupted, run_study
+    from optimizer.study.loop import StudyInterrupted, run_study
 
     folder.check_for(config)
     if threads is not None:

@@ -33,7 +33,8 @@ def main() -> None:
     from optimizer.study.config import load_study_config
     from optimizer.study.export import export_trial
     from optimizer.study.report import write_report
-    from optimizer.study.runner import StudyRunner, run_study
+    from optimizer.study.runner import StudyRunner
+    from optimizer.study.loop import run_study
     from optimizer.study.storage import StudyFolder
     from optimizer.zoo.oracle import load_oracle
 
