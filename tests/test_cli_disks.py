@@ -16,10 +16,10 @@ from optimizer.cli import app
 from optimizer.zoo import paths
 from tests.cli_refusal import TEMPORARY, Workspace, build_workspace, fault_study_file, refuse, run_done_study, runner
 from tests.study_cli import evomerge_command, subprocess_env
+from tests.zoo_study import needs_zoo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ZOO = paths.default_zoo_dir()
-needs_zoo = pytest.mark.skipif(not (ZOO / paths.MANIFEST).is_file(), reason="studies/zoo is not built")
 
 
 @pytest.fixture(scope="module")

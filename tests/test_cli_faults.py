@@ -31,6 +31,7 @@ from tests.cli_refusal import (
     runner,
 )
 from tests.study_cli import evomerge_command, subprocess_env
+from tests.zoo_study import needs_zoo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ZOO = paths.default_zoo_dir()
@@ -197,7 +198,6 @@ def test_fid_and_kid_score_a_folder_of_photos_of_different_sizes(tmp_path: Path)
 
 
 # ---------------------------------------------------------------------------------------- studies
-needs_zoo = pytest.mark.skipif(not (ZOO / paths.MANIFEST).is_file(), reason="studies/zoo is not built")
 
 
 def _study_cases() -> dict[str, tuple[Callable[[dict, Path], dict], str]]:

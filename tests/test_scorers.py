@@ -24,8 +24,8 @@ from optimizer.cli import app
 from optimizer.study.config import StudyConfigError, parse_study_config
 from optimizer.zoo import paths
 from tests import tiny_scorers as tiny
-from tests.test_study import _study_data, needs_zoo
 from tests.zoo_clip import ZOO_CLIP
+from tests.zoo_study import needs_zoo, zoo_study_data
 
 runner = CliRunner()
 
@@ -294,7 +294,7 @@ def test_an_installed_plug_in_is_found_through_its_entry_point(tmp_path: Path, m
     monkeypatch.setattr(registry, "_discovered", False)
     monkeypatch.setattr(registry, "_registry", dict(registry._registry))
     assert scorers()["sharpness"] is Sharpness
-    config = parse_study_config({**_study_data(tmp_path), "objectives": [{"name": "sharpness", "options": {"gain": 3}}]}, base=tmp_path)
+    config = parse_study_config({**zoo_study_data(tmp_path), "objectives": [{"name": "sharpness", "options": {"gain": 3}}]}, base=tmp_path)
     assert config.objective_specs[0].settings.gain == 3
 
 
@@ -350,7 +350,7 @@ def test_combined_means_follow_their_formulas() -> None:
 
 
 def test_study_file_combination_rules(tmp_path: Path) -> None:
-    base = _study_data(tmp_path)
+    base = zoo_study_data(tmp_path)
     two = [{"name": "clip"}, {"name": "tests.test_scorers:Sharpness"}]
     config = parse_study_config({**base, "objectives": two}, base=tmp_path)
     assert (config.normalisation, config.combined_mean) == ("calibration", "arithmetic")
@@ -375,7 +375,7 @@ def test_study_file_combination_rules(tmp_path: Path) -> None:
 
 @needs_zoo
 def test_a_study_whose_scorer_prefers_noise_stops_at_the_gate(tmp_path: Path) -> None:
-    data = _study_data(tmp_path, objectives=["tests.test_scorers:NoiseLover"], calibration={"prompts": 2})
+    data = zoo_study_data(tmp_path, objectives=["tests.test_scorers:NoiseLover"], calibration={"prompts": 2})
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
@@ -404,7 +404,7 @@ def test_ctrl_c_during_calibration_leaves_no_study_in_external_storage(tmp_path:
     import optuna
 
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    data = _study_data(tmp_path, objectives=["tests.test_scorers:InterruptedScorer"], calibration={"prompts": 2}, storage=url)
+    data = zoo_study_data(tmp_path, objectives=["tests.test_scorers:InterruptedScorer"], calibration={"prompts": 2}, storage=url)
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
@@ -417,7 +417,7 @@ def test_ctrl_c_during_calibration_leaves_no_study_in_external_storage(tmp_path:
 def test_a_two_objective_study_scores_normalised_values_and_reports_its_calibration(tmp_path: Path) -> None:
     import optuna
 
-    data = _study_data(tmp_path, objectives=["clip", {"name": "tests.test_scorers:Sharpness", "options": {"gain": -1}}],
+    data = zoo_study_data(tmp_path, objectives=["clip", {"name": "tests.test_scorers:Sharpness", "options": {"gain": -1}}],
                        calibration={"prompts": 2, "gate": False}, budget={"trials": 2})
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump(data))

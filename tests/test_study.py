@@ -19,11 +19,10 @@ from optimizer.study.config import ParamSpace, StudyConfigError, WarmStart, load
 from optimizer.study.space import bind_space, suggest_recipe, warm_start_params
 from optimizer.zoo import paths
 from tests.zoo_clip import ZOO_CLIP
-from tests.zoo_study import write_zoo_study, zoo_study_data
+from tests.zoo_study import needs_zoo, write_zoo_study, zoo_study_data
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = paths.default_zoo_dir()
-needs_zoo = pytest.mark.skipif(not (ZOO / paths.MANIFEST).is_file(), reason="studies/zoo is not built")
 SD1 = load_layout("sd1")
 runner = CliRunner()
 

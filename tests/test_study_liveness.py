@@ -21,7 +21,7 @@ from optimizer.study.config import HeartbeatConfig, StudyConfigError, parse_stud
 from optimizer.study.liveness import running_trials, settle_trials
 from optimizer.study.loop import StudyFailed, run_study
 from optimizer.study.storage import StudyFolder, open_storage
-from tests.test_study import _study_data, needs_zoo
+from tests.zoo_study import needs_zoo, zoo_study_data
 
 pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
               pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")]
@@ -79,7 +79,7 @@ def test_a_trial_that_died_before_its_first_beat_is_failed_and_retried(tmp_path:
 ])
 def test_bad_heartbeats_name_the_field(tmp_path: Path, heartbeat: dict, message: str) -> None:
     with pytest.raises(StudyConfigError, match=re.escape(message)):
-        parse_study_config(_study_data(tmp_path, heartbeat=heartbeat), source="t", base=tmp_path)
+        parse_study_config(zoo_study_data(tmp_path, heartbeat=heartbeat), source="t", base=tmp_path)
 
 
 class _ScriptedRunner:
@@ -105,7 +105,7 @@ class _ScriptedRunner:
 
 
 def _config(tmp_path: Path, *, trials: int):
-    data = _study_data(tmp_path, name="shared", budget={"trials": trials},
+    data = zoo_study_data(tmp_path, name="shared", budget={"trials": trials},
                        heartbeat={"interval": BEAT.interval, "grace": BEAT.grace, "max_retry": BEAT.max_retry},
                        storage=f"sqlite:///{tmp_path / 'shared.db'}")
     return parse_study_config(data, source="test", base=tmp_path)

@@ -15,11 +15,9 @@ import optuna
 import pytest
 
 from optimizer.study.config import parse_study_config
-from optimizer.zoo import paths
-from tests.zoo_study import ZOO, write_zoo_study, zoo_study_data
+from tests.zoo_study import needs_zoo, write_zoo_study, zoo_study_data
 
 REPO = Path(__file__).resolve().parents[1]
-needs_zoo = pytest.mark.skipif(not (ZOO / paths.MANIFEST).is_file(), reason="studies/zoo is not built")
 
 
 def test_a_study_stored_by_an_earlier_version_still_resumes(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from optimizer.study.space import suggest_recipe
 from optimizer.study.storage import StudyFolder
 from optimizer.zoo import paths
 from tests.test_lora import _random_zoo_lora
-from tests.test_study import _study_data, needs_zoo
+from tests.zoo_study import needs_zoo, zoo_study_data
 
 ZOO = paths.default_zoo_dir()
 pytestmark = [needs_zoo, pytest.mark.usefixtures("one_thread")]
@@ -42,7 +42,7 @@ def _hypernetwork(tmp: Path, *, seed: int = 0, scale: float = 1.0) -> Path:
 
 
 def _config(tmp: Path, **overrides):
-    data = _study_data(tmp, **overrides)
+    data = zoo_study_data(tmp, **overrides)
     data["parents"] = [str(paths.model_file(ZOO, "base")), str(paths.model_file(ZOO, "shape"))]
     data.update(overrides)
     path = tmp / "study.yaml"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from optimizer.zoo import paths
@@ -40,3 +41,7 @@ def write_zoo_study(tmp: Path, **overrides) -> Path:
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(zoo_study_data(tmp, **overrides)))
     return path
+
+
+#: skip a test that needs the embedded zoo's models when ``studies/zoo`` is not built
+needs_zoo = pytest.mark.skipif(not (ZOO / paths.MANIFEST).is_file(), reason="studies/zoo is not built")
