@@ -97,8 +97,9 @@ def _normalised(raw: str | None) -> str | None:
     return json.dumps(config.model_dump(mode="json"), sort_keys=True)
 
 
-def create_or_load_study(config: StudyConfig, *, storage: optuna.storages.RDBStorage) -> tuple[optuna.Study, bool]:
+def create_or_load_study(config: StudyConfig, *, storage: optuna.storages.RDBStorage, space: Any = None) -> tuple[optuna.Study, bool]:
     """The Optuna study of ``config`` (created with the config stored in it, or loaded); ``True`` if new.
+    ``space``: the bound search space, for a sampler that takes it (see ``make_sampler``).
 
     Loading a study whose stored config differs from ``config`` is an error: a study's trials only
     mean something under one config.
@@ -118,7 +119,7 @@ def create_or_load_study(config: StudyConfig, *, storage: optuna.storages.RDBSto
         return existing, False
     study = optuna.create_study(
         study_name=config.name, storage=storage, directions=config.directions,
-        sampler=make_sampler(config.sampler), pruner=make_pruner(config.pruner),
+        sampler=make_sampler(config.sampler, space=space), pruner=make_pruner(config.pruner),
     )
     study.set_user_attr(CONFIG_ATTR, stored)
     with warnings.catch_warnings():  # "experimental" since Optuna 3.2; the dashboard shows these names
@@ -162,7 +163,7 @@ def run_study(
     url = storage_url or folder.storage_url(config)
     with folder.creating():
         storage = open_storage(url, heartbeat=config.heartbeat)
-        study, new = create_or_load_study(config, storage=storage)
+        study, new = create_or_load_study(config, storage=storage, space=getattr(runner, "space", None))
         if isinstance(runner, StudyRunner):
             from optimizer.study.calibration import settle_calibration
 
@@ -171,7 +172,7 @@ def run_study(
     if not new or salt:
         # read the trials only now, after the heavy set-up (see process_seed)
         seed = process_seed(config.sampler, trials_so_far=len(study.get_trials(deepcopy=False)), salt=salt)
-        study.sampler = make_sampler(config.sampler, seed=seed)
+        study.sampler = make_sampler(config.sampler, seed=seed, space=getattr(runner, "space", None))
     if "architecture" not in study.user_attrs:
         study.set_user_attr("architecture", runner.space.layout.name)
     if isinstance(runner, StudyRunner) and PROVENANCE_ATTR not in study.user_attrs and new:

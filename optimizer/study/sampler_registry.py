@@ -31,9 +31,12 @@ class SamplerEntry:
     factory: Callable[[], type[optuna.samplers.BaseSampler]]
     defaults: dict[str, Any] = field(default_factory=dict)
     multi_objective: bool = True
-    #: a package the class needs beyond Optuna (checked when the sampler is built)
+    #: a module the class needs beyond Optuna (checked when the sampler is built) and its PyPI name
     needs: str | None = None
+    pip: str | None = None
     summary: str = ""
+    #: proposals follow a fixed schedule: the seed changes nothing (the peer strategies)
+    deterministic: bool = False
 
 
 SAMPLERS: dict[str, SamplerEntry] = {}
@@ -55,6 +58,26 @@ register_sampler(SamplerEntry("gp", lambda: optuna.samplers.GPSampler, multi_obj
 register_sampler(SamplerEntry("random", lambda: optuna.samplers.RandomSampler, summary="baseline"))
 register_sampler(SamplerEntry("qmc", lambda: optuna.samplers.QMCSampler, {"qmc_type": "sobol", "scramble": True},
                               summary="space-filling baseline (Sobol, scrambled)"))
+
+
+# the strategies merge users already run (optimizer.study.peer_samplers): baselines to beat
+def _peer(name: str):
+    def factory():
+        from optimizer.study import peer_samplers
+
+        return getattr(peer_samplers, name)
+
+    return factory
+
+
+register_sampler(SamplerEntry("coordinate", _peer("CoordinateSampler"), multi_objective=False, deterministic=True,
+                              summary="auto-MBW: one block at a time over 0..1 in steps of 0.1"))
+register_sampler(SamplerEntry("gp-ucb", _peer("GPUCBSampler"), multi_objective=False, needs="bayes_opt", pip="bayesian-optimization",
+                              summary="bayesian-merger: bayes_opt GP with UCB over every block"))
+register_sampler(SamplerEntry("preset-grid", _peer("PresetGridSampler"), multi_objective=False, deterministic=True,
+                              summary="supermerger's MBW presets, one per trial"))
+register_sampler(SamplerEntry("uniform-sweep", _peer("UniformSweepSampler"), multi_objective=False, deterministic=True,
+                              summary="Checkpoint Merger sweep: one alpha for every block, 0..1"))
 
 
 def plugin_sampler_class(name: str) -> type[optuna.samplers.BaseSampler]:

@@ -14,6 +14,10 @@ random     ``RandomSampler``                            baseline
 qmc        ``QMCSampler`` (Sobol, scrambled)            space-filling baseline
 ========== ============================================ ===================================
 
+The peers' strategies (:mod:`optimizer.study.peer_samplers`), single-objective baselines:
+``coordinate`` (auto-MBW), ``gp-ucb`` (bayesian-merger; needs ``bayesian-optimization``),
+``preset-grid`` (supermerger's MBW presets) and ``uniform-sweep`` (the Checkpoint Merger sweep).
+
 ``options`` are passed to the class as keyword arguments (e.g. ``n_startup_trials``,
 ``population_size``; a plug-in gets the study's seed when its constructor takes ``seed``); an
 unknown option is an error naming it. Pruners: ``none``, ``median``,
@@ -56,9 +60,11 @@ def process_seed(config: SamplerConfig, *, trials_so_far: int, salt: int = 0) ->
     return (config.seed * 1_000_003 + trials_so_far * 7_919 + salt) % 2**32
 
 
-def make_sampler(config: SamplerConfig, *, seed: int | None | str = "config") -> optuna.samplers.BaseSampler:
+def make_sampler(config: SamplerConfig, *, seed: int | None | str = "config", space: Any = None) -> optuna.samplers.BaseSampler:
     """The sampler ``config`` names (registered or plug-in ``module:Class``), with its defaults and
-    options, seeded with ``config.seed`` (or ``seed`` when given) where its constructor takes a seed."""
+    options, seeded with ``config.seed`` (or ``seed`` when given) where its constructor takes a seed,
+    and given the study's bound search space ``space`` (:class:`optimizer.study.space.BoundSpace`)
+    where it takes ``space`` (the peer strategies of :mod:`optimizer.study.peer_samplers` do)."""
     from optimizer.study.sampler_registry import sampler_entry
 
     try:
@@ -69,11 +75,16 @@ def make_sampler(config: SamplerConfig, *, seed: int | None | str = "config") ->
         try:
             __import__(entry.needs)
         except ImportError:
-            raise StudyConfigError(f"sampler: {entry.name} needs the `{entry.needs}` package (pip install {entry.needs})") from None
+            raise StudyConfigError(f"sampler: {entry.name} needs the `{entry.needs}` package (pip install {entry.pip or entry.needs})") from None
     cls = entry.factory()
     defaults = dict(entry.defaults)
-    if "seed" in inspect.signature(cls.__init__).parameters:
+    accepted = inspect.signature(cls.__init__).parameters
+    if "seed" in accepted:
         defaults["seed"] = config.seed if seed == "config" else seed
+    if "space" in accepted:
+        if "space" in config.options:
+            raise StudyConfigError("sampler.options.space: the search space is the study's (search_space:), not an option")
+        defaults["space"] = space
     return _build(cls, dict(config.options), defaults, "sampler")
 
 
