@@ -39,3 +39,19 @@ def _torch_threads_restored():
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory):
+    """The CLI fault tests' tiny workspace of good and bad files (:func:`tests.cli_refusal.build_workspace`)."""
+    from tests.cli_refusal import build_workspace
+
+    return build_workspace(tmp_path_factory.mktemp("faults"))
+
+
+@pytest.fixture(scope="module")
+def done_study(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A finished one-trial zoo study, and a study file that differs from it (:func:`tests.cli_refusal.run_done_study`)."""
+    from tests.cli_refusal import run_done_study
+
+    return run_done_study(tmp_path_factory.mktemp("study"))

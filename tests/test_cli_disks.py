@@ -14,23 +14,12 @@ import pytest
 
 from optimizer.cli import app
 from optimizer.zoo import paths
-from tests.cli_refusal import TEMPORARY, Workspace, build_workspace, fault_study_file, refuse, run_done_study, runner
+from tests.cli_refusal import TEMPORARY, Workspace, fault_study_file, refuse, runner
 from tests.study_cli import evomerge_command, subprocess_env
 from tests.zoo_study import needs_zoo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ZOO = paths.default_zoo_dir()
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    return build_workspace(tmp_path_factory.mktemp("faults"))
-
-
-@pytest.fixture(scope="module")
-def done_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A finished one-trial study, and a study file that differs from it."""
-    return run_done_study(tmp_path_factory.mktemp("study"))
 
 
 # --------------------------------------------------------------------- read-only and full disks

@@ -23,11 +23,9 @@ from optimizer.cli import app
 from optimizer.zoo import paths
 from tests.cli_refusal import (
     Workspace,
-    build_workspace,
     check_refusal,
     fault_study_file,
     refuse,
-    run_done_study,
     runner,
 )
 from tests.study_cli import evomerge_command, subprocess_env
@@ -36,18 +34,6 @@ from tests.zoo_study import needs_zoo
 pytestmark = pytest.mark.usefixtures("one_thread")
 ZOO = paths.default_zoo_dir()
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "assets"
-
-
-# ------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    return build_workspace(tmp_path_factory.mktemp("faults"))
-
-
-@pytest.fixture(scope="module")
-def done_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A finished one-trial study, and a study file that differs from it."""
-    return run_done_study(tmp_path_factory.mktemp("study"))
 
 
 # ------------------------------------------------------------------------------ merge / inspect
