@@ -163,7 +163,7 @@ def run_study(
     url = storage_url or folder.storage_url(config)
     with folder.creating():
         storage = open_storage(url, heartbeat=config.heartbeat)
-        study, new = create_or_load_study(config, storage=storage, space=getattr(runner, "space", None))
+        study, new = create_or_load_study(config, storage=storage, space=runner.space)
         if isinstance(runner, StudyRunner):
             from optimizer.study.calibration import settle_calibration
 
@@ -172,7 +172,7 @@ def run_study(
     if not new or salt:
         # read the trials only now, after the heavy set-up (see process_seed)
         seed = process_seed(config.sampler, trials_so_far=len(study.get_trials(deepcopy=False)), salt=salt)
-        study.sampler = make_sampler(config.sampler, seed=seed, space=getattr(runner, "space", None))
+        study.sampler = make_sampler(config.sampler, seed=seed, space=runner.space)
     if "architecture" not in study.user_attrs:
         study.set_user_attr("architecture", runner.space.layout.name)
     if isinstance(runner, StudyRunner) and PROVENANCE_ATTR not in study.user_attrs and new:

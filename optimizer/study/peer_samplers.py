@@ -115,12 +115,6 @@ class _Scheduled(optuna.samplers.BaseSampler):
         names = {n for t in study.get_trials(deepcopy=False) if t.number < trial.number for n in t.distributions}
         return sorted(names | {name})
 
-    def _blocks(self, name: str) -> tuple[str, ...] | None:
-        """The blocks dimension ``name`` covers (None: no space, or not a dimension of it)."""
-        if self.space is None:
-            return None
-        return next((tuple(d.blocks) for d in self.space.dimensions if d.name == name), None)
-
     def _check(self, study: optuna.Study) -> None:
         if len(study.directions) > 1:
             raise ValueError(f"{type(self).__name__} is single-objective")
@@ -215,6 +209,7 @@ class PresetGridSampler(_Scheduled):
         super().__init__(space=space)
         self.presets = chosen
         self._blocks_of = {p: preset_block_values(p, layout=space.layout) for p in chosen} if space is not None else None
+        self._dimensions = {d.name: d for d in space.dimensions} if space is not None else {}
         self._param = space.dimensions[0].param if space is not None and space.dimensions else None
 
     def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
@@ -223,7 +218,7 @@ class PresetGridSampler(_Scheduled):
         if self._blocks_of is None:
             values = supermerger_presets()[preset]
             return value_at(param_distribution, sum(values) / len(values))
-        dimension = next((d for d in self.space.dimensions if d.name == param_name), None)
+        dimension = self._dimensions.get(param_name)
         if dimension is None or dimension.param != self._param:
             return value_at(param_distribution, 0.5)
         per_block = self._blocks_of[preset]
